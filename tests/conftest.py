@@ -1,0 +1,7 @@
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # third-party deprecation noise (torch.jit.script in detectron2, pkg_resources in model_zoo)
+    config.addinivalue_line("filterwarnings", "ignore::FutureWarning:torch.jit._script")
+    config.addinivalue_line("filterwarnings", "ignore:pkg_resources is deprecated:UserWarning")

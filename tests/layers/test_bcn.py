@@ -1,0 +1,163 @@
+"""BatchChannelNorm2d against an independent float64 re-statement of the official code."""
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+
+from wsbcn_d2.layers import BatchChannelNorm2d
+
+C, G = 8, 4
+
+
+class ReferenceBCN:
+    """The official BCNorm / EstBN (and BatchNorm2d for large-batch), in float64."""
+
+    def __init__(self, module: BatchChannelNorm2d, estimate: bool, rate: float):
+        bn = module.batch_norm
+        self.estimate, self.rate = estimate, rate
+        self.running_mean = bn.running_mean.double().clone()
+        self.running_var = bn.running_var.double().clone()
+        self.params = [p.detach().double().clone().requires_grad_() for p in (bn.weight, bn.bias, module.weight, module.bias)]
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        bn_w, bn_b, group_w, group_b = self.params
+        flat = x.transpose(0, 1).reshape(C, -1)
+        if self.estimate:
+            if training:
+                with torch.no_grad():
+                    mean = flat.mean(dim=1)
+                    centered = flat - self.running_mean.view(-1, 1)
+                    var = (centered * centered).mean(dim=1)
+                    self.running_mean = self.running_mean * (1 - self.rate) + self.rate * mean
+                    self.running_var = self.running_var * (1 - self.rate) + self.rate * var
+            mean, var = self.running_mean, self.running_var
+        elif training:
+            mean, var = flat.mean(dim=1), flat.var(dim=1, unbiased=False)
+            n = flat.shape[1]
+            with torch.no_grad():
+                self.running_mean = 0.9 * self.running_mean + 0.1 * mean
+                self.running_var = 0.9 * self.running_var + 0.1 * var * n / (n - 1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+        out = out * bn_w.view(1, -1, 1, 1) + bn_b.view(1, -1, 1, 1)
+        n = x.shape[0]
+        out = out.reshape(1, n * G, -1)
+        out = (out - out.mean(dim=2, keepdim=True)) / torch.sqrt(out.var(dim=2, unbiased=False, keepdim=True) + 1e-5)
+        out = out.view(n, G, -1) * group_w.view(1, G, 1) + group_b.view(1, G, 1)
+        return out.view_as(x)
+
+
+def randomized_bcn(estimate: bool, rate: float = 0.3) -> BatchChannelNorm2d:
+    torch.manual_seed(0)
+    module = BatchChannelNorm2d(C, num_groups=G, estimate=estimate, update_rate=rate)
+    with torch.no_grad():
+        for t in (module.weight, module.bias, module.batch_norm.weight, module.batch_norm.bias):
+            t.uniform_(-1.5, 1.5)
+        module.batch_norm.running_mean.uniform_(-1, 1)
+        module.batch_norm.running_var.uniform_(0.5, 2)
+    return module
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_matches_official_code_over_steps_then_eval(estimate):
+    module = randomized_bcn(estimate)
+    ref = ReferenceBCN(module, estimate, rate=0.3)
+    for step, batch in enumerate([1, 2, 1, 2, 2]):
+        x = (torch.randn(batch, C, 5, 6) * 3 + step).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        out, expected = module(x), ref(x64, training=True)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(module.batch_norm.running_mean.double(), ref.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.batch_norm.running_var.double(), ref.running_var, rtol=1e-5, atol=1e-5)
+
+        grad = torch.randn_like(expected)
+        module.zero_grad()
+        out.backward(grad.float())
+        expected.backward(grad)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-4)
+        params = (module.batch_norm.weight, module.batch_norm.bias, module.weight, module.bias)
+        for p, p64 in zip(params, ref.params):
+            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=1e-4)
+            p64.grad = None
+
+    module.eval()
+    x = torch.randn(2, C, 5, 6)
+    stats = module.batch_norm.running_mean.clone()
+    torch.testing.assert_close(module(x).double(), ref(x.double(), training=False), rtol=1e-4, atol=1e-4)
+    assert torch.equal(stats, module.batch_norm.running_mean)
+
+
+def test_no_gradient_through_estimates():
+    module = randomized_bcn(estimate=True)
+    bn = module.batch_norm
+    assert not bn.running_mean.requires_grad and not bn.running_var.requires_grad
+    # With the estimates fixed, the output is an affine map of x followed by group norm;
+    # the same module in eval (no update) must give the same input gradient once the
+    # estimates equal the post-update ones.
+    x = torch.randn(2, C, 4, 4, requires_grad=True)
+    module(x).pow(2).sum().backward()
+    train_grad = x.grad.clone()
+    x.grad = None
+    module.eval()
+    module(x).pow(2).sum().backward()
+    torch.testing.assert_close(train_grad, x.grad)
+
+
+def test_update_rate_zero_keeps_loaded_statistics():
+    module = randomized_bcn(estimate=True, rate=0.0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for _ in range(3):
+        module(torch.randn(1, C, 4, 4) * 5 + 3)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_state_dict_round_trip(estimate):
+    module = randomized_bcn(estimate)
+    module(torch.randn(2, C, 4, 4))
+    keys = set(module.state_dict())
+    assert {"weight", "bias", "batch_norm.running_mean", "batch_norm.running_var", "batch_norm.weight"} <= keys
+    clone = BatchChannelNorm2d(C, num_groups=G, estimate=estimate, update_rate=0.3)
+    clone.load_state_dict(module.state_dict())
+    x = torch.randn(2, C, 4, 4)
+    module.eval(), clone.eval()
+    torch.testing.assert_close(module(x), clone(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_empty_batch_keeps_estimates(estimate):
+    module = randomized_bcn(estimate)
+    mean, var = module.batch_norm.running_mean.clone(), module.batch_norm.running_var.clone()
+    out = module(torch.zeros(0, C, 4, 4))
+    assert out.shape == (0, C, 4, 4)
+    assert torch.equal(mean, module.batch_norm.running_mean) and torch.equal(var, module.batch_norm.running_var)
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_bfloat16_autocast_is_finite(estimate):
+    module = randomized_bcn(estimate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.nn.functional.conv2d(torch.randn(1, C, 6, 6), torch.randn(C, C, 3, 3))
+        out = module(x)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(module.batch_norm.running_var).all()
+
+
+def test_frozen_conversion_keeps_function_and_stops_updates():
+    module = randomized_bcn(estimate=True).eval()
+    x = torch.randn(2, C, 4, 4)
+    expected = module(x)
+    FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+    assert isinstance(module.batch_norm, FrozenBatchNorm2d)
+    module.train()
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="divide"):
+        BatchChannelNorm2d(10, num_groups=4)
+    with pytest.raises(ValueError, match="update_rate"):
+        BatchChannelNorm2d(8, num_groups=4, update_rate=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        BatchChannelNorm2d(8, num_groups=4, eps=0)

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""detectron2's standard training script with wsbcn_d2 loaded.
+
+Same flags as detectron2's tools/train_net.py, plus ``--register-coco NAME
+JSON_FILE IMAGE_ROOT`` (repeatable) to use any COCO-format dataset by name.
+Datasets with RLE masks switch INPUT.MASK_FORMAT to "bitmask" automatically.
+"""
+import logging
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, verify_results
+
+from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.data import infer_mask_format, register_coco_dataset
+
+logger = logging.getLogger("wsbcn_d2")
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None) -> DatasetEvaluator:
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
+        help="register a COCO-format instance dataset under NAME (repeatable)",
+    )
+    return parser
+
+
+def setup(args) -> CfgNode:
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and not args.eval_only:
+        cfg.INPUT.MASK_FORMAT = infer_mask_format(cfg.DATASETS.TRAIN)
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.INPUT.MASK_FORMAT == "bitmask":
+        logger.info("INPUT.MASK_FORMAT is 'bitmask': the training data holds RLE masks.")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
