@@ -1,4 +1,9 @@
+import os
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,18 +9,25 @@ import logging
 import os
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, verify_results
 
 from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.checkpoint import WSBCNCheckpointer
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
 
 logger = logging.getLogger("wsbcn_d2")
 
 
 class Trainer(DefaultTrainer):
+    def build_hooks(self):
+        # DefaultTrainer creates a plain DetectionCheckpointer right before this; swap in one that
+        # refuses unconverted official checkpoints instead of training from a random backbone.
+        plain = self.checkpointer
+        self.checkpointer = WSBCNCheckpointer(plain.model, plain.save_dir, **plain.checkpointables)
+        return super().build_hooks()
+
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None) -> DatasetEvaluator:
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -60,7 +67,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        WSBCNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -71,8 +78,14 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
+    try:  # fail early and plainly on bad dataset paths; workers register again in setup()
+        for name, json_file, image_root in args.register_coco:
+            register_coco_dataset(name, json_file, image_root)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     launch(
         main,
         args.num_gpus,

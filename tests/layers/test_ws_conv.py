@@ -110,7 +110,8 @@ def test_constant_filter_gives_no_nan():
     out = conv(torch.randn(1, 3, 5, 5))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(conv.weight.grad).all()
-    assert out[:, 1].abs().max() == 0  # a constant filter standardizes to zeros
+    # zeros up to float32 rounding of the mean, amplified by 1 / eps
+    assert conv.standardized_weight()[1].abs().max() < 1e-2
 
 
 def test_autocast_standardizes_in_float32():

@@ -71,10 +71,11 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
         count = x.numel() // self.num_features
         stats = x.new_zeros(2 * self.num_features + 1, dtype=torch.float32)
         if count > 0:
-            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
-            # mean((x - old)^2) = var + (mean - old)^2, with var the biased batch variance
-            dist_to_old = var + (mean - self.running_mean) ** 2
-            stats = torch.cat([mean * count, dist_to_old * count, stats.new_full((1,), count)])
+            # sums around the previous estimate: exact, and cheaper on CPU than torch.var_mean
+            centered = x.float() - self.running_mean.view(1, -1, 1, 1)
+            mean_sum = self.running_mean * count + centered.sum(dim=(0, 2, 3))
+            dist_sum = torch.linalg.vector_norm(centered, dim=(0, 2, 3)).square()
+            stats = torch.cat([mean_sum, dist_sum, stats.new_full((1,), count)])
         if comm.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank joins, even with an empty batch
         elif count == 0:

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Draw a trained model's predictions beside the ground truth, one PNG per image.
+
+    python tools/visualize_predictions.py --config-file CONFIG --output DIR \
+        [--dataset NAME] [--num-images N] [--score-threshold T] [KEY VALUE ...]
+
+Uses the config's first test dataset unless --dataset is given; trailing
+KEY VALUE pairs override the config (e.g. MODEL.WEIGHTS out/model_final.pth).
+"""
+import argparse
+import os
+
+import numpy as np
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
+
+from wsbcn_d2 import add_wsbcn_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    parser.add_argument("--dataset", help="registered dataset (default: the config's first test set)")
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args()
+    setup_logger(name="wsbcn_d2")
+
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_threshold
+    cfg.freeze()
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    metadata = MetadataCatalog.get(dataset)
+    predictor = DefaultPredictor(cfg)
+
+    os.makedirs(args.output, exist_ok=True)
+    for record in DatasetCatalog.get(dataset)[: args.num_images]:
+        image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+        rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+        instances = predictor(image)["instances"].to("cpu")
+        truth = Visualizer(rgb, metadata).draw_dataset_dict(record).get_image()
+        prediction = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
+        gap = np.full((rgb.shape[0], 8, 3), 255, dtype=np.uint8)
+        name = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = os.path.join(args.output, f"{name}.png")
+        Image.fromarray(np.concatenate([truth, gap, prediction], axis=1)).save(path)
+        print(f"{path}: {len(instances)} predictions (left: ground truth, right: prediction)")
+
+
+if __name__ == "__main__":
+    main()

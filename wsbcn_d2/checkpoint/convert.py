@@ -1,0 +1,455 @@
+"""Convert ImageNet-pretrained WS / BCN / torchvision ResNets into detectron2 checkpoints.
+
+Every supported source uses torchvision's ResNet / ResNeXt names (``conv1``,
+``bn1``, ``layer{1-4}.{i}.conv{k}`` / ``bn{k}``, ``layer{1-4}.0.downsample.{0,1}``,
+``fc``), optionally under a DataParallel ``module.`` prefix and/or inside a
+training checkpoint's ``state_dict`` entry. The layouts differ in their norms
+and in whether the weights were trained with WS:
+
+- ``ws``: the official WS checkpoints (``R-50-GN-WS.pth.tar`` ...): GroupNorm, WS.
+- ``bcn``: the official BCN checkpoints (``rn50_bcn_ws.pth`` ...): each norm holds
+  a per-group affine of shape (1, G, 1) and an inner BatchNorm2d under ``pbn.``; WS.
+- ``torchvision``: any other torchvision-layout ResNet (BatchNorm or GroupNorm), no WS.
+
+Norms may also be named ``gn{k}`` (mmdetection's name for a GroupNorm), which is
+treated like ``bn{k}``. Names map onto detectron2's ResNet (``stem.conv1``,
+``res{N+1}.{i}.conv{k}[.norm]``, ``shortcut[.norm]``; a BCN's ``pbn.*`` becomes
+``norm.batch_norm.*``). The result is checked against the plugin's own backbone
+built with the detected depth, width and norm, so a converted file always
+loads completely.
+
+The Caffe2/Detectron-named ``.pkl`` copies (``conv1_w``, ``res2_0_branch2a_gn_s``
+...) need no conversion: detectron2's checkpointer renames GN blobs itself.
+"""
+
+import pickle
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.layers import ShapeSpec
+
+from ..config import add_wsbcn_config
+from ..modeling import build_ws_resnet_backbone
+
+__all__ = [
+    "ConversionError",
+    "ConversionResult",
+    "INPUT_FORMAT",
+    "LAYOUTS",
+    "NORM_FAMILIES",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "Layout",
+    "WSBCNCheckpointer",
+    "convert_checkpoint",
+    "load_source",
+    "save_checkpoint",
+]
+
+# All supported sources were trained on RGB input normalized with torchvision's
+# mean and std, given here on the 0-255 scale detectron2 uses.
+INPUT_FORMAT = "RGB"
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Layout(NamedTuple):
+    """What a source layout implies."""
+
+    ws: bool
+    """Whether the weights were trained with Weight Standardization."""
+    norms: Tuple[str, ...]
+    """The norm families ("GN", "BN", "BCN") the layout may hold."""
+
+
+LAYOUTS: Dict[str, Layout] = {
+    "ws": Layout(ws=True, norms=("GN", "BN")),
+    "bcn": Layout(ws=True, norms=("BCN",)),
+    "torchvision": Layout(ws=False, norms=("GN", "BN")),
+}
+_AUTO_LAYOUT = {"GN": "ws", "BCN": "bcn", "BN": "torchvision"}
+"""The layout auto-detection picks for each norm family."""
+
+NORM_FAMILIES: Dict[str, str] = {
+    "GN": "GN",
+    "BCN": "BCN",
+    "SyncBCN": "BCN",
+    "BN": "BN",
+    "FrozenBN": "BN",
+    "SyncBN": "BN",
+    "nnSyncBN": "BN",
+    "naiveSyncBN": "BN",
+    "naiveSyncBN_N": "BN",
+}
+"""Plugin norm name (``MODEL.RESNETS.NORM``) -> the checkpoint norm family it loads."""
+_DEFAULT_NORM = {"GN": "GN", "BCN": "BCN", "BN": "FrozenBN"}
+
+_NORM_PARAMS = {
+    "GN": {"weight", "bias"},
+    "BN": {"weight", "bias", "running_mean", "running_var"},
+    "BCN": {"weight", "bias", "pbn.weight", "pbn.bias", "pbn.running_mean", "pbn.running_var"},
+}
+_NORM_EVIDENCE = {
+    "GN": "weight and bias only",
+    "BN": "weight, bias and running statistics",
+    "BCN": "a (1, G, 1) group affine plus an inner BatchNorm under pbn.*",
+}
+_COUNTER = "num_batches_tracked"  # kept where the target backbone has this buffer (FrozenBN has none)
+_UPDATE_RATE = "estbn_moving_speed"  # the official EstBN's update rate buffer
+
+_DEPTHS = {
+    ("basic", (2, 2, 2, 2)): 18,
+    ("basic", (3, 4, 6, 3)): 34,
+    ("bottleneck", (3, 4, 6, 3)): 50,
+    ("bottleneck", (3, 4, 23, 3)): 101,
+    ("bottleneck", (3, 8, 36, 3)): 152,
+}
+
+# a torchvision ResNet module name, then the parameter path inside it
+_KEY_RE = re.compile(
+    r"(?P<module>conv1|[bg]n1|layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?P<layer>conv[1-3]|[bg]n[1-3]|downsample\.[01]))"
+    r"\.(?P<param>.+)"
+)
+_CAFFE2_KEY_RE = re.compile(r"^(conv1|res\d_\d+_branch\w+)_(w|[bg]n_[sb])$")
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted as asked (layout, depth, norm or content)."""
+
+
+@dataclass
+class ConversionResult:
+    """A converted checkpoint and what was detected and left out on the way."""
+
+    model: Dict[str, np.ndarray]
+    """detectron2 ResNet names (``stem.conv1.weight``, ``res2.0.conv1.norm.batch_norm.running_mean`` ...)."""
+    layout: str
+    depth: int
+    norm_family: str
+    """The checkpoint's norms: GN, BN or BCN."""
+    norm: str
+    """The plugin norm name to use (``MODEL.RESNETS.NORM``)."""
+    num_groups: int
+    """ResNeXt cardinality (1 for ResNet)."""
+    width_per_group: int
+    bcn_num_groups: Optional[int] = None
+    unused: Dict[str, str] = field(default_factory=dict)
+    """Source key -> why it was left out (classifier, step counters ...)."""
+    unmapped: List[str] = field(default_factory=list)
+    """Source keys that are not part of a torchvision ResNet."""
+
+    @property
+    def ws(self) -> bool:
+        """Whether the weights were trained with Weight Standardization."""
+        return LAYOUTS[self.layout].ws
+
+    @property
+    def arch(self) -> str:
+        if self.num_groups == 1 and self.width_per_group == 64:
+            return f"ResNet-{self.depth}"
+        return f"ResNeXt-{self.depth} {self.num_groups}x{self.width_per_group}d"
+
+    def config_overrides(self) -> Dict[str, Any]:
+        """The config values the plugin's backbones need for these weights."""
+        overrides = {
+            "MODEL.RESNETS.DEPTH": self.depth,
+            "MODEL.RESNETS.NORM": self.norm,
+            "MODEL.RESNETS.STRIDE_IN_1X1": False,
+            "MODEL.RESNETS.NUM_GROUPS": self.num_groups,
+            "MODEL.RESNETS.WIDTH_PER_GROUP": self.width_per_group,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": 64 if self.depth < 50 else 256,
+            "MODEL.WS.ENABLED": self.ws,
+        }
+        if self.bcn_num_groups is not None:
+            overrides["MODEL.BCN.NUM_GROUPS"] = self.bcn_num_groups
+        overrides.update(
+            {"MODEL.PIXEL_MEAN": list(PIXEL_MEAN), "MODEL.PIXEL_STD": list(PIXEL_STD), "INPUT.FORMAT": INPUT_FORMAT}
+        )
+        return overrides
+
+    def checkpoint(self) -> Dict[str, Any]:
+        """The detectron2 checkpoint (loaded with matching heuristics), input format included."""
+        return {
+            "model": self.model,
+            "__author__": f"wsbcn_d2 convert_pretrained (from {self.layout} layout, {self.arch} {self.norm_family})",
+            "matching_heuristics": True,
+            "input_format": INPUT_FORMAT,
+            "pixel_mean": list(PIXEL_MEAN),
+            "pixel_std": list(PIXEL_STD),
+            "config_overrides": self.config_overrides(),
+        }
+
+    def summary(self) -> str:
+        """A human-readable report: what was detected, converted and left out."""
+        lines = [
+            f"layout {self.layout}: {self.arch}, {self.norm_family} norms"
+            + (f" ({self.bcn_num_groups} groups)" if self.bcn_num_groups else "")
+            + (", trained with WS" if self.ws else ", no WS"),
+            f"converted {len(self.model)} tensors",
+        ]
+        for reason, count in Counter(self.unused.values()).items():
+            examples = [k for k, r in self.unused.items() if r == reason][:3]
+            lines.append(f"not used: {count} key(s), {reason}: {', '.join(examples)}{' ...' if count > 3 else ''}")
+        if self.unmapped:
+            lines.append(f"could not map {len(self.unmapped)} key(s): {', '.join(self.unmapped)}")
+        return "\n".join(lines)
+
+
+def load_source(path: str, allow_pickle: bool = False) -> Mapping[str, Any]:
+    """``torch.load`` a checkpoint on CPU, with ``weights_only`` unless ``allow_pickle``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path} is not a plain-tensor torch checkpoint ({str(e).splitlines()[0]}). A Caffe2/Detectron "
+            "'.pkl' needs no conversion: use it directly as MODEL.WEIGHTS. If this is a torch checkpoint "
+            "holding other Python objects and you trust it, re-run with --allow-pickle."
+        ) from e
+
+
+def _state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The state_dict of a raw, training (``state_dict``) or detectron2 (``model``) checkpoint, without ``module.``."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            checkpoint = checkpoint[wrapper]
+            break
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+
+
+def _d2_module(match: "re.Match[str]") -> str:
+    """detectron2 name of the torchvision module matched by ``_KEY_RE``."""
+    module, layer = match["module"], match["layer"]
+    if layer is None:
+        return "stem.conv1" if module == "conv1" else "stem.conv1.norm"
+    prefix = f"res{int(match['stage']) + 1}.{match['block']}."
+    if layer.startswith("downsample"):
+        return prefix + ("shortcut" if layer.endswith("0") else "shortcut.norm")
+    return prefix + (layer if layer.startswith("conv") else f"conv{layer[2]}.norm")
+
+
+def _classify_norm(module: str, params: Mapping[str, torch.Tensor]) -> str:
+    names = {name for name in params if not name.endswith(_COUNTER)}
+    for family, expected in _NORM_PARAMS.items():
+        if names == expected:
+            return family
+    raise ConversionError(
+        f"norm layer {module} holds {sorted(names)}: not GroupNorm {sorted(_NORM_PARAMS['GN'])}, "
+        f"BatchNorm {sorted(_NORM_PARAMS['BN'])} or BCN {sorted(_NORM_PARAMS['BCN'])}"
+    )
+
+
+def _depth(modules: Mapping[str, Any], blocks: Mapping[int, Set[int]]) -> Tuple[int, str, List[int]]:
+    """(depth, block kind, blocks per stage) from the block indices seen in each stage."""
+    counts = [len(blocks[s]) for s in range(1, 5)]
+    for stage, ids in blocks.items():
+        if ids != set(range(len(ids))):
+            raise ConversionError(f"layer{stage} has blocks {sorted(ids)}: expected 0..n-1")
+    kind = "bottleneck" if "layer1.0.conv3" in modules else "basic"
+    if (kind, tuple(counts)) not in _DEPTHS:
+        known = ", ".join(f"{d}: {list(c)} {k}" for (k, c), d in _DEPTHS.items())
+        raise ConversionError(f"{kind} blocks per stage {counts} match no ResNet depth (known: {known})")
+    return _DEPTHS[kind, tuple(counts)], kind, counts
+
+
+def _groups(modules: Mapping[str, Dict[str, torch.Tensor]], kind: str) -> Tuple[int, int]:
+    """(cardinality, width per group) from the first bottleneck's 3x3 conv."""
+    if kind == "basic":
+        return 1, 64
+    conv1, conv2 = (modules.get(f"layer1.0.conv{k}", {}).get("weight") for k in (1, 2))
+    if conv1 is None or conv2 is None:
+        raise ConversionError("layer1.0.conv1.weight or layer1.0.conv2.weight is missing")
+    groups = conv1.shape[0] // conv2.shape[1]
+    return groups, conv1.shape[0] // groups
+
+
+def _expected_shapes(overrides: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """State shapes of the plugin's (unfrozen) backbone for ``overrides``, built on the meta device."""
+    cfg: CfgNode = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_list([x for item in overrides.items() for x in item])
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    with torch.device("meta"):
+        backbone = build_ws_resnet_backbone(cfg, ShapeSpec(channels=3))
+    return {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.is_floating_point() else t).numpy()
+
+
+def convert_checkpoint(
+    checkpoint: Mapping[str, Any],
+    *,
+    layout: Optional[str] = None,
+    expect_depth: Optional[int] = None,
+    expect_norm: Optional[str] = None,
+) -> ConversionResult:
+    """Convert a torchvision-layout ResNet/ResNeXt checkpoint to detectron2 names.
+
+    Args:
+        checkpoint: a state_dict, possibly with a ``module.`` prefix or inside a
+            ``state_dict`` / ``model`` entry (as ``torch.load`` returns it).
+        layout: one of :data:`LAYOUTS`; None detects it from the norms.
+        expect_depth: refuse a checkpoint of another depth.
+        expect_norm: a plugin norm name (:data:`NORM_FAMILIES`); refuse a
+            checkpoint whose norms cannot load into it. Also the norm named
+            in the config overrides (default: GN, BCN or FrozenBN).
+
+    Raises:
+        ConversionError: unknown layout, mismatched depth/norm/layout, or
+            weights missing for the detected architecture.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ConversionError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if expect_norm is not None and expect_norm not in NORM_FAMILIES:
+        raise ConversionError(f"unknown norm {expect_norm!r}; choose from {', '.join(NORM_FAMILIES)}")
+    state = _state_dict(checkpoint)
+    modules: Dict[str, Dict[str, torch.Tensor]] = {}
+    d2_names: Dict[str, str] = {}
+    unused: Dict[str, str] = {}
+    unmapped: List[str] = []
+    blocks: Dict[int, Set[int]] = {stage: set() for stage in range(1, 5)}
+    for key, value in state.items():
+        m = _KEY_RE.fullmatch(key)
+        if key.startswith("fc."):
+            unused[key] = "ImageNet classifier"
+        elif m is None:
+            unmapped.append(key)
+        elif key.endswith(_UPDATE_RATE):
+            unused[key] = "BCN estimate update rate (MODEL.BCN.UPDATE_RATE sets it)"
+        elif not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{key} holds a {type(value).__name__}, not a tensor")
+        else:
+            modules.setdefault(m["module"], {})[m["param"]] = value
+            d2_names[m["module"]] = _d2_module(m)
+            if m["stage"]:
+                blocks[int(m["stage"])].add(int(m["block"]))
+    if "conv1" not in modules or not any(d2_names[name].endswith(".norm") for name in modules):
+        hint = (
+            " These are Caffe2/Detectron names: detectron2 loads such a .pkl directly as MODEL.WEIGHTS."
+            if any(_CAFFE2_KEY_RE.match(k) for k in state)
+            else ""
+        )
+        raise ConversionError(
+            f"not a torchvision-layout ResNet (expected conv1.weight, bn1.*, layer1-4.*); saw {len(state)} keys, "
+            f"e.g. {', '.join(list(state)[:8])}.{hint}"
+        )
+
+    norm_modules = {name: params for name, params in modules.items() if d2_names[name].endswith(".norm")}
+    families = {name: _classify_norm(name, params) for name, params in norm_modules.items()}
+    if len(set(families.values())) > 1:
+        raise ConversionError(f"mixed norm layers: {dict(Counter(families.values()))}")
+    family = next(iter(families.values()))
+    if layout is None:
+        layout = _AUTO_LAYOUT[family]
+    elif family not in LAYOUTS[layout].norms:
+        raise ConversionError(
+            f"layout {layout!r} holds {' or '.join(LAYOUTS[layout].norms)} norms, but this checkpoint's norms are "
+            f"{family} ({_NORM_EVIDENCE[family]})"
+        )
+    if expect_norm is not None and NORM_FAMILIES[expect_norm] != family:
+        raise ConversionError(
+            f"norm mismatch: the checkpoint's norms are {family} ({_NORM_EVIDENCE[family]}), but {expect_norm} was "
+            f"asked, which loads {NORM_FAMILIES[expect_norm]} weights ({_NORM_EVIDENCE[NORM_FAMILIES[expect_norm]]})"
+        )
+    depth, kind, counts = _depth(modules, blocks)
+    if expect_depth is not None and expect_depth != depth:
+        raise ConversionError(
+            f"depth mismatch: the checkpoint is a ResNet-{depth} ({kind} blocks per stage {counts}), "
+            f"but depth {expect_depth} was asked"
+        )
+
+    model: Dict[str, np.ndarray] = {}
+    source_keys: Dict[str, str] = {}
+    bcn_groups: Set[int] = set()
+    for name, params in modules.items():
+        for param, value in params.items():
+            if family == "BCN" and name in norm_modules and param in ("weight", "bias"):
+                if value.dim() != 3 or value.shape[0] != 1 or value.shape[2] != 1:
+                    raise ConversionError(
+                        f"BCN affine {name}.{param} has shape {tuple(value.shape)}, expected (1, G, 1)"
+                    )
+                bcn_groups.add(value.shape[1])
+                value = value.reshape(-1)
+            d2_key = f"{d2_names[name]}.{param.replace('pbn.', 'batch_norm.')}"
+            model[d2_key], source_keys[d2_key] = _to_numpy(value), f"{name}.{param}"
+    if len(bcn_groups) > 1:
+        raise ConversionError(f"BCN layers use different group counts {sorted(bcn_groups)}")
+
+    num_groups, width_per_group = _groups(modules, kind)
+    result = ConversionResult(
+        model=model,
+        layout=layout,
+        depth=depth,
+        norm_family=family,
+        norm=expect_norm or _DEFAULT_NORM[family],
+        num_groups=num_groups,
+        width_per_group=width_per_group,
+        bcn_num_groups=bcn_groups.pop() if bcn_groups else None,
+        unused=unused,
+        unmapped=unmapped,
+    )
+    expected = _expected_shapes(result.config_overrides())
+    for key in [k for k in model if k.endswith(_COUNTER) and k not in expected]:
+        del model[key]
+        unused[source_keys[key]] = f"BatchNorm step counter ({result.norm} has none)"
+    _check_complete(result, expected)
+    return result
+
+
+def _check_complete(result: ConversionResult, expected: Mapping[str, Tuple[int, ...]]) -> None:
+    """Raise unless ``result.model`` fills the backbone whose state has ``expected`` shapes."""
+    missing = sorted(k for k in set(expected) - set(result.model) if not k.endswith(_COUNTER))
+    wrong = [
+        f"{k} {tuple(v.shape)} (backbone: {expected[k]})"
+        for k, v in result.model.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    extra = sorted(set(result.model) - set(expected))
+    problems = [
+        f"{label}: {', '.join(keys)}"
+        for label, keys in (("missing", missing), ("wrong shape", wrong), ("no place in the backbone", extra))
+        if keys
+    ]
+    if problems:
+        raise ConversionError(
+            f"the checkpoint does not fit detectron2's {result.arch} with {result.norm} norms; " + "; ".join(problems)
+        )
+
+
+def save_checkpoint(result: ConversionResult, path: str) -> None:
+    """Write ``result.checkpoint()`` as a detectron2 ``.pkl`` (usable as MODEL.WEIGHTS)."""
+    if not path.endswith(".pkl"):
+        raise ConversionError(f"{path}: the output must be a .pkl file (detectron2 loads .pkl with name matching)")
+    with open(path, "wb") as f:
+        pickle.dump(result.checkpoint(), f)
+
+
+class WSBCNCheckpointer(DetectionCheckpointer):
+    """A DetectionCheckpointer that refuses unconverted torchvision-layout ResNet files.
+
+    Loading such a file (an official WS/BCN ``.pth``/``.pth.tar``) with the plain
+    DetectionCheckpointer only warns that every key is unexpected and leaves the
+    backbone at random initialization; this one raises a :class:`ConversionError`
+    pointing to ``tools/convert_pretrained.py`` instead.
+    """
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        if not checkpoint.get("matching_heuristics", False):
+            model_keys = set(self.model.state_dict())
+            foreign = [k for k in _state_dict(checkpoint["model"]) if _KEY_RE.fullmatch(k) and k not in model_keys]
+            if any(k.startswith("layer") for k in foreign):
+                raise ConversionError(
+                    f"this checkpoint has torchvision ResNet names ({', '.join(foreign[:3])}, ...) that detectron2 "
+                    "cannot load: convert it first with  python tools/convert_pretrained.py SOURCE DEST.pkl  "
+                    "and use DEST.pkl as MODEL.WEIGHTS"
+                )
+        return super()._load_model(checkpoint)
