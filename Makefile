@@ -11,8 +11,16 @@ $(STAMP): setup.py tools/setup_env.sh
 	bash tools/setup_env.sh
 	touch $@
 
+DEMO_CONFIG := configs/Demo/mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml
+DEMO_OUT    := output/demo
+
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	rm -rf $(DEMO_OUT)
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	$(PY) tools/visualize_predictions.py --config-file $(DEMO_CONFIG) --output $(DEMO_OUT)/predictions \
+		MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
+	@echo "Demo outputs in $(DEMO_OUT): model_final.pth, metrics.json, events.out.tfevents.*," \
+		"inference/ (COCO results), predictions/*.png (ground truth | prediction)"
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

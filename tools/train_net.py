@@ -12,6 +12,7 @@ import detectron2.utils.comm as comm
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
 
 from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
@@ -54,12 +55,20 @@ def setup(args) -> CfgNode:
     add_wsbcn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon" and not args.eval_only:
-        cfg.INPUT.MASK_FORMAT = infer_mask_format(cfg.DATASETS.TRAIN)
+    # detectron2's default "polygon" fails on RLE masks; "bitmask" reads both
+    to_bitmask = (
+        cfg.MODEL.MASK_ON
+        and cfg.INPUT.MASK_FORMAT == "polygon"
+        and not args.eval_only
+        and infer_mask_format(cfg.DATASETS.TRAIN) == "bitmask"
+    )
+    if to_bitmask:
+        cfg.INPUT.MASK_FORMAT = "bitmask"
     cfg.freeze()
     default_setup(cfg, args)
-    if cfg.INPUT.MASK_FORMAT == "bitmask":
-        logger.info("INPUT.MASK_FORMAT is 'bitmask': the training data holds RLE masks.")
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="wsbcn_d2")
+    if to_bitmask:
+        logger.info(f"INPUT.MASK_FORMAT set to 'bitmask': {cfg.DATASETS.TRAIN} hold RLE masks.")
     return cfg
 
 

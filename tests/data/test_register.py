@@ -75,25 +75,22 @@ def test_register_twice(coco_dataset, new_name, tmp_path):
         register_coco_dataset(name, other, image_root)
 
 
-def test_missing_json_file(coco_dataset, new_name, tmp_path):
-    _, image_root, _ = coco_dataset
+@pytest.mark.parametrize("missing_part", ["json_file", "image_root"])
+def test_missing_path_is_named(coco_dataset, new_name, tmp_path, missing_part):
+    json_path, image_root, _ = coco_dataset
     name = new_name()
-    missing = str(tmp_path / "nope.json")
+    missing = str(tmp_path / "missing")
+    paths = {"json_file": json_path, "image_root": image_root, missing_part: missing}
     with pytest.raises(FileNotFoundError, match=name) as err:
-        register_coco_dataset(name, missing, image_root)
+        register_coco_dataset(name, paths["json_file"], paths["image_root"])
     assert missing in str(err.value)
     assert name not in DatasetCatalog
 
 
-def test_missing_image_root(coco_dataset, new_name, tmp_path):
+def test_image_root_must_be_a_directory(coco_dataset, new_name):
     json_path, _, _ = coco_dataset
-    name = new_name()
-    missing = str(tmp_path / "no_images")
-    with pytest.raises(FileNotFoundError, match=name) as err:
-        register_coco_dataset(name, json_path, missing)
-    assert missing in str(err.value)
     with pytest.raises(ValueError, match="not a directory"):
-        register_coco_dataset(name, json_path, json_path)
+        register_coco_dataset(new_name(), json_path, json_path)
 
 
 def test_infer_mask_format(coco_dataset, new_name, tmp_path):

@@ -16,14 +16,17 @@ Two batch steps exist:
 * large-batch BCN (``estimate=False``): an ordinary batch norm, synchronized
   across processes in distributed training.
 """
+import math
+from typing import Optional, Tuple
+
 import torch
-from detectron2.layers import NaiveSyncBatchNorm
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.utils import comm
 from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BatchChannelNorm2d", "EstimatedBatchNorm2d", "DEFAULT_UPDATE_RATE"]
+__all__ = ["BatchChannelNorm2d", "EstimatedBatchNorm2d", "DEFAULT_UPDATE_RATE", "channel_moments"]
 
 DEFAULT_UPDATE_RATE = 0.1
 """Default estimate update rate ``r`` for training from scratch.
@@ -35,6 +38,85 @@ ten steps (10-20 images at 1-2 images per GPU), fast enough to follow the
 weights while they change from scratch, slow enough to smooth the per-image
 noise. ``r = 0`` reproduces the released code exactly.
 """
+
+
+@torch.no_grad()
+def channel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) mean and biased variance of each sample's channel over the spatial dims.
+
+    Computed in float32 or wider, the dtype the statistics of BCN keep.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.numel() == 0:
+        zeros = x.new_zeros(x.shape[:2], dtype=dtype)
+        return zeros, zeros
+    var, mean = torch.var_mean(x.to(dtype), dim=tuple(range(2, x.dim())), correction=0)
+    return mean, var
+
+
+class _AffineGroupNorm(torch.autograd.Function):
+    """``group_norm(x * scale + shift)`` with a per-group affine, as one pass over ``x``.
+
+    ``scale`` and ``shift`` are per channel (BCN's batch step with fixed
+    statistics). The group statistics of ``x * scale + shift`` follow from the
+    per-(sample, channel) moments of ``x``, so the affine output is never
+    materialized: the forward is ``y = x * S + T`` with (N, C) coefficients and
+    only ``x`` (plus (N, C) statistics) is kept for the backward, which is again
+    ``dx = A * dy + B * x + D`` after two per-(sample, channel) reductions.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, weight, bias, num_groups: int, eps: float, mean, var):
+        n, c = x.shape[:2]
+        grouped = (n, num_groups, c // num_groups)
+        a, b = scale.to(mean.dtype), shift.to(mean.dtype)
+        x1_mean = (mean * a + b).view(grouped)  # per (n, c) mean of x1 = a * x + b
+        mu = x1_mean.mean(dim=2, keepdim=True)
+        group_var = ((var * a.square()).view(grouped) + (x1_mean - mu).square()).mean(dim=2, keepdim=True)
+        rstd = (group_var + eps).rsqrt()  # (n, G, 1)
+        gamma = weight.to(mean.dtype).view(1, -1, 1)
+        s = a.view(1, num_groups, -1) * rstd * gamma
+        t = (b.view(1, num_groups, -1) - mu) * rstd * gamma + bias.to(mean.dtype).view(1, -1, 1)
+        ctx.save_for_backward(x, a, b, mean, var, mu, rstd, gamma)
+        ctx.num_groups = num_groups
+        ctx.dtypes = (scale.dtype, shift.dtype, weight.dtype, bias.dtype)
+        spatial = (1,) * (x.dim() - 2)
+        return torch.addcmul(t.reshape(n, c, *spatial), x, s.reshape(n, c, *spatial))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, a, b, mean, var, mu, rstd, gamma = ctx.saved_tensors
+        n, c = x.shape[:2]
+        grouped = (n, ctx.num_groups, c // ctx.num_groups)
+        hw = math.prod(x.shape[2:])
+        spatial = (1,) * (x.dim() - 2)
+        # per (n, c): sum of dy and of dy * (x - mean)
+        dy_flat, x_flat = dy.reshape(n, c, -1), x.reshape(n, c, -1)
+        sum_dy = dy_flat.sum(dim=2, dtype=mean.dtype)
+        sum_dy_xc = torch.linalg.vecdot(dy_flat, x_flat.to(dy.dtype), dim=2).to(mean.dtype) - mean * sum_dy
+        av, bv = a.view(1, *grouped[1:]), b.view(1, *grouped[1:])
+        x1c = (mean.view(grouped) * av + bv - mu)  # per (n, c) mean of x1, centered on its group mean
+        sum_dy_g = sum_dy.view(grouped)
+        sum_dy_xhat = rstd * (av * sum_dy_xc.view(grouped) + x1c * sum_dy_g)  # per (n, c): sum of dy * x_hat
+        k = grouped[2] * hw
+        m1 = gamma * sum_dy_g.sum(dim=2, keepdim=True) / k  # group means of gamma * dy
+        m2 = gamma * sum_dy_xhat.sum(dim=2, keepdim=True) / k  # and of gamma * dy * x_hat
+        # dx1 = rstd * (gamma * dy - m1 - x_hat * m2), x_hat = rstd * (x1 - mu), dx = a * dx1
+        coef_dy = av * rstd * gamma
+        coef_x = -(av.square()) * rstd.square() * m2
+        const = -av * rstd * (m1 + rstd * m2 * (bv - mu))
+        dx = torch.addcmul(const.reshape(n, c, *spatial), x, coef_x.reshape(n, c, *spatial))
+        dx.addcmul_(dy, coef_dy.reshape(n, c, *spatial))
+        # scale / shift gradients: sums of dx1 * x and of dx1 over (n, hw)
+        sum_dx1 = rstd * (gamma * sum_dy_g - hw * m1 - m2 * hw * rstd * x1c)
+        sum_dx1_xc = rstd * (gamma * sum_dy_xc.view(grouped) - m2 * rstd * av * hw * var.view(grouped))
+        d_scale = (sum_dx1_xc + mean.view(grouped) * sum_dx1).sum(dim=0).flatten()
+        d_shift = sum_dx1.sum(dim=0).flatten()
+        d_weight = sum_dy_xhat.sum(dim=(0, 2))
+        d_bias = sum_dy_g.sum(dim=(0, 2))
+        grads = (g.to(dtype) for g, dtype in zip((d_scale, d_shift, d_weight, d_bias), ctx.dtypes))
+        return (dx.to(x.dtype), *grads, None, None, None, None)
 
 
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
@@ -67,14 +149,20 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
         self.update_rate = update_rate
 
     @torch.no_grad()
-    def _update_estimates(self, x: torch.Tensor) -> None:
-        count = x.numel() // self.num_features
-        stats = x.new_zeros(2 * self.num_features + 1, dtype=torch.float32)
+    def update_estimates(self, mean: torch.Tensor, var: torch.Tensor, spatial_size: int) -> None:
+        """Move the estimates towards a batch given its per-(sample, channel) moments.
+
+        Args:
+            mean, var: (N, C) mean and biased variance of each sample's channel over (H, W),
+                as :func:`channel_moments` returns them.
+            spatial_size: H * W.
+        """
+        count = mean.shape[0] * spatial_size
+        stats = mean.new_zeros(2 * self.num_features + 1)
         if count > 0:
-            # sums around the previous estimate: exact, and cheaper on CPU than torch.var_mean
-            centered = x.float() - self.running_mean.view(1, -1, 1, 1)
-            mean_sum = self.running_mean * count + centered.sum(dim=(0, 2, 3))
-            dist_sum = torch.linalg.vector_norm(centered, dim=(0, 2, 3)).square()
+            # sum of x and of (x - running_mean)^2 per channel, from each sample's centered moments
+            mean_sum = mean.sum(dim=0) * spatial_size
+            dist_sum = (var + (mean - self.running_mean).square()).sum(dim=0) * spatial_size
             stats = torch.cat([mean_sum, dist_sum, stats.new_full((1,), count)])
         if comm.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank joins, even with an empty batch
@@ -88,7 +176,7 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.update_rate > 0:
-            self._update_estimates(x)
+            self.update_estimates(*channel_moments(x), math.prod(x.shape[2:]))
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
         )
@@ -136,15 +224,40 @@ class BatchChannelNorm2d(nn.GroupNorm):
             # stats_mode "N" weights each process by its batch size and accepts empty batches
             self.batch_norm = NaiveSyncBatchNorm(num_channels, eps=eps, stats_mode="N")
 
+    def _fixed_statistics(self) -> bool:
+        # micro-batch BCN's step always normalizes with its estimates (updated before, not
+        # during, the normalization); so do a frozen step and a large-batch step in eval
+        bn = self.batch_norm
+        return isinstance(bn, (EstimatedBatchNorm2d, FrozenBatchNorm2d)) or not (bn.training or bn.running_var is None)
+
+    def batch_step_affine(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The batch step as per-channel ``(scale, shift)``: ``x * scale + shift``.
+
+        None when the step uses batch statistics (large-batch BCN in training).
+        Differentiable in the step's affine parameters.
+        """
+        if not self._fixed_statistics():
+            return None
+        bn = self.batch_norm
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_per_group = self.num_channels // self.num_groups
-        return F.group_norm(
-            self.batch_norm(x),
-            self.num_groups,
-            self.weight.repeat_interleave(channels_per_group),
-            self.bias.repeat_interleave(channels_per_group),
-            self.eps,
-        )
+        bn = self.batch_norm
+        if not self._fixed_statistics():
+            channels_per_group = self.num_channels // self.num_groups
+            return F.group_norm(
+                bn(x),
+                self.num_groups,
+                self.weight.repeat_interleave(channels_per_group),
+                self.bias.repeat_interleave(channels_per_group),
+                self.eps,
+            )
+        mean, var = channel_moments(x)
+        if isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0:
+            bn.update_estimates(mean, var, math.prod(x.shape[2:]))
+        scale, shift = self.batch_step_affine()
+        return _AffineGroupNorm.apply(x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"

@@ -1,0 +1,45 @@
+"""tools/benchmark.py on the small demo model at 64 px, one repetition (no timing thresholds)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from helpers import CONFIG_DIR, REPO
+
+CONFIG = os.path.join(CONFIG_DIR, "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_compares_variants_on_equal_work(benchmark):
+    cfgs = {v: benchmark.load_variant_config(CONFIG, v, ["MODEL.DEVICE", "cpu"]) for v in ("GN", "GN+WS", "BCN+WS")}
+    cfgs["GN again"] = cfgs["GN"].clone()
+    results = benchmark.measure(cfgs, short_side=64, reps=1, warmup=0)
+
+    assert set(results) == set(cfgs)
+    for res in results.values():
+        assert {"train_s", "infer_s"} <= set(res) and res["train_s"]["ratio_min"] > 0
+    assert results["GN"]["train_s"]["ratio"] == 1.0 and results["GN"]["saved_bytes_ratio"] == 1.0
+    assert results["GN again"]["saved_bytes"] == results["GN"]["saved_bytes"]  # deterministic
+    # zeroed RPN predictors: every variant trains its heads on the same RoIs
+    assert len({res["num_fg"] for res in results.values()}) == 1
+    assert results["GN+WS"]["ws_cache_reused"]
+    # WS keeps the standardized weight instead of the raw one; BCN keeps what GN keeps
+    assert results["GN+WS"]["saved_bytes_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert results["BCN+WS"]["saved_bytes_ratio"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_command_line_writes_json_table(benchmark, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--config-file", CONFIG, "--sizes", "64", "--reps", "1", "--warmup", "0", "--json", str(out)]
+    benchmark.main([*args, "--device", "cpu", "--variants", "GN", "FrozenBN"])
+    report = json.loads(out.read_text())
+    assert set(report["results"]["64"]) == {"GN", "FrozenBN"}
+    assert "| 64 | FrozenBN |" in report["table"]

@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Cost of WS and BCN against GN: training step, memory and inference, side by side.
+
+Builds the same Mask R-CNN (by default the paper's R-50-FPN config) with GN,
+GN+WS, BCN+WS and detectron2's frozen-BN default, feeds each the same synthetic
+image with box + mask instances at each requested short side, and measures, in
+one process with warm-up and interleaved repetitions (the order rotates every
+repetition):
+
+- training step: forward, backward and an SGD step (learning rate 0, so every
+  repetition does the same work);
+- memory: on CPU, the bytes of the tensors autograd saves for backward (unique
+  storages, deterministic); on GPU also CUDA's peak allocated bytes of a step;
+- inference per image: ``model.eval()`` under ``torch.no_grad``.
+
+Each variant's figures are reported as ratios to GN: the median over
+repetitions of the ratio measured in the same repetition, with its min-max.
+The RPN's two predictors are zeroed so that every variant gets the same
+proposals, hence the same RoIs in its heads; inference keeps 100 detections
+(score threshold 0) so the mask head always runs on the same number of boxes.
+
+    nice -n 10 .venv/bin/python tools/benchmark.py --sizes 320 640 800 --reps 5 --json docs/benchmark.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.layers import WSConv2d
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_R_50_FPN_2x_gn_ws.yaml")
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+
+
+def _norm_opts(backbone: str, rest: str, ws: bool) -> List[str]:
+    norms = (backbone, rest, rest, rest)
+    return [x for key, norm in zip(NORM_KEYS, norms) for x in (key, norm)] + ["MODEL.WS.ENABLED", str(ws)]
+
+
+VARIANTS: Dict[str, List[str]] = {
+    "GN": _norm_opts("GN", "GN", ws=False),
+    "GN+WS": _norm_opts("GN", "GN", ws=True),
+    "BCN+WS": _norm_opts("BCN", "BCN", ws=True),
+    "FrozenBN": _norm_opts("FrozenBN", "", ws=False),  # detectron2's default: no norm outside the backbone
+}
+"""Config overrides of each variant: the four norm slots and WS; everything else is the base config's."""
+BASELINE = "GN"
+
+
+def load_variant_config(config_file: str, variant: str, opts: Sequence[str] = ()) -> CfgNode:
+    """``config_file`` with ``variant``'s norm overrides, no pretrained weights, then ``opts``."""
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", *VARIANTS[variant], *opts])
+    return cfg
+
+
+def synthetic_input(short_side: int, num_objects: int = 16, seed: int = 0) -> Dict:
+    """A landscape 3:4 image with a grid of ``num_objects`` rectangular box + mask instances."""
+    height, width = short_side, round(short_side * 4 / 3)
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, height, width, generator=g) * 255
+    cols = max(1, round((num_objects * width / height) ** 0.5))
+    rows = -(-num_objects // cols)
+    boxes = []
+    for i in range(num_objects):
+        r, c = divmod(i, cols)
+        cell_w, cell_h = width / cols, height / rows
+        boxes.append([(c + 0.15) * cell_w, (r + 0.15) * cell_h, (c + 0.85) * cell_w, (r + 0.85) * cell_h])
+    boxes_t = torch.tensor(boxes)
+    masks = torch.zeros(num_objects, height, width, dtype=torch.bool)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes_t.round().int().tolist()):
+        mask[y0:y1, x0:x1] = True
+        image[:, y0:y1, x0:x1] = image[:, y0:y1, x0:x1] * 0.3 + 120
+    instances = Instances((height, width))
+    instances.gt_boxes = Boxes(boxes_t)
+    instances.gt_classes = torch.arange(num_objects) % 3
+    instances.gt_masks = BitMasks(masks)
+    return {"image": image, "instances": instances}
+
+
+def build_benchmark_model(cfg: CfgNode, seed: int = 0) -> nn.Module:
+    """The model of ``cfg`` with the RPN's predictors zeroed (proposals = anchors, equal for all variants)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    head = model.proposal_generator.rpn_head
+    with torch.no_grad():
+        for layer in (head.objectness_logits, head.anchor_deltas):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return model
+
+
+def saved_tensor_bytes(model: nn.Module, batch: List[Dict]) -> Dict[str, int]:
+    """Bytes autograd saves for backward in one training forward (unique storages).
+
+    ``saved_bytes`` counts everything, ``saved_activation_bytes`` leaves out
+    parameters' storages (a standardized weight is not a parameter).
+    """
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model.train()
+    with EventStorage(0), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = model(batch)
+    del losses
+    return {
+        "saved_bytes": sum(storages.values()),
+        "saved_activation_bytes": sum(n for ptr, n in storages.items() if ptr not in params),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Runner:
+    """One variant's model, optimizer and timed steps."""
+
+    def __init__(self, cfg: CfgNode, seed: int):
+        # learning rate 0: weights stay put (same work every repetition) but are still written in place
+        cfg = cfg.clone()
+        cfg.merge_from_list(["SOLVER.BASE_LR", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+        self.model = build_benchmark_model(cfg, seed)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.device = torch.device(cfg.MODEL.DEVICE)
+        self.num_fg = float("nan")
+
+    def train_step(self, batch: List[Dict]) -> Dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        with EventStorage(0) as storage:
+            loss = sum(self.model(batch).values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            _sync(self.device)
+            elapsed = time.perf_counter() - start
+            self.num_fg = storage.history("roi_head/num_fg_samples").latest()
+        out = {"train_s": elapsed}
+        if self.device.type == "cuda":
+            out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def infer(self, images: List[Dict]) -> Dict[str, float]:
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.model(images)
+        _sync(self.device)
+        return {"infer_s": (time.perf_counter() - start) / len(images)}
+
+
+def _interleaved(
+    runners: Dict[str, _Runner], step: Callable[[_Runner], Dict], training: bool, reps: int, warmup: int
+) -> Dict:
+    """``step`` on every runner, ``warmup`` untimed rounds then ``reps`` rounds in rotating order.
+
+    The mode is set once, as a trainer or evaluator does (switching modes drops WS caches).
+    """
+    names = list(runners)
+    for runner in runners.values():
+        runner.model.train(training)
+    for _ in range(warmup):
+        for name in names:
+            step(runners[name])
+    results: Dict[str, Dict[str, List[float]]] = {name: {} for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            for key, value in step(runners[name]).items():
+                results[name].setdefault(key, []).append(value)
+    return results
+
+
+def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
+    out = {}
+    for key, vals in values.items():
+        ratios = [v / b for v, b in zip(vals, base[key])]
+        out[key] = {
+            "median": statistics.median(vals),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
+    return out
+
+
+def _ws_cache_reused(model: nn.Module, images: List[Dict]) -> bool:
+    """True if a second eval call reuses every WS conv's cached standardized weight."""
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    with torch.no_grad():
+        model(images)
+        cached = [m._cached_weight for m in convs]
+        model(images)
+    return all(c is not None and m._cached_weight is c for m, c in zip(convs, cached))
+
+
+def measure(
+    cfgs: Dict[str, CfgNode], short_side: int, reps: int = 3, warmup: int = 1, seed: int = 0
+) -> Dict[str, Dict]:
+    """Measure every variant of ``cfgs`` (``BASELINE`` among them) at one input size.
+
+    Returns, per variant: ``saved_bytes`` / ``saved_activation_bytes`` (and their
+    ratios to the baseline), ``train_s`` / ``infer_s`` (and ``cuda_peak_bytes``
+    on GPU) summarized as the median value and the median, min and max of the
+    per-repetition ratio to the baseline, ``num_fg`` (foreground RoIs of the
+    last training step) and ``ws_cache_reused``.
+    """
+    if BASELINE not in cfgs:
+        raise ValueError(f"the variants must include the baseline {BASELINE!r}")
+    runners = {name: _Runner(cfg, seed) for name, cfg in cfgs.items()}
+    device = next(iter(runners.values())).device
+    sample = synthetic_input(short_side, seed=seed)
+    batch = [{k: v.to(device) for k, v in sample.items()}]
+    images = [{"image": batch[0]["image"]}]
+
+    results = {name: saved_tensor_bytes(r.model, batch) for name, r in runners.items()}
+    print(f"[{short_side} px] saved bytes measured; timing training steps", file=sys.stderr, flush=True)
+    train = _interleaved(runners, lambda r: r.train_step(batch), True, reps, warmup)
+    print(f"[{short_side} px] timing inference", file=sys.stderr, flush=True)
+    infer = _interleaved(runners, lambda r: r.infer(images), False, reps, warmup)
+    for name, runner in runners.items():
+        res = results[name]
+        res.update(_ratio_summary({**train[name], **infer[name]}, {**train[BASELINE], **infer[BASELINE]}))
+        res["num_fg"] = runner.num_fg
+        res["ws_cache_reused"] = _ws_cache_reused(runner.model, images)
+    for name in runners:
+        for key in ("saved_bytes", "saved_activation_bytes"):
+            results[name][f"{key}_ratio"] = results[name][key] / results[BASELINE][key]
+    return results
+
+
+def format_table(all_results: Dict[int, Dict[str, Dict]]) -> str:
+    """A markdown table of ratios to the baseline, one row per (size, variant)."""
+    lines = [
+        "| short side | variant | train step | inference | saved for backward |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(res: Dict, key: str) -> str:
+        r = res[key]
+        return f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+
+    for size, results in all_results.items():
+        base = results[BASELINE]
+        for name, res in results.items():
+            if name == BASELINE:
+                row = (
+                    f"{base['train_s']['median']:.2f} s",
+                    f"{base['infer_s']['median']:.2f} s",
+                    f"{base['saved_bytes'] / 2**20:.0f} MiB",
+                )
+            else:
+                row = (
+                    cell(res, "train_s"),
+                    cell(res, "infer_s"),
+                    f"{res['saved_bytes_ratio']:.3f}",
+                )
+            lines.append(f"| {size} | {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="base config; variants override its norms")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[320, 640, 800], help="input short sides")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every variant")
+    args = parser.parse_args(argv)
+    if BASELINE not in args.variants:
+        parser.error(f"--variants must include {BASELINE}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfgs = {v: load_variant_config(args.config_file, v, ["MODEL.DEVICE", args.device, *args.opts]) for v in args.variants}
+    all_results = {}
+    for size in args.sizes:
+        all_results[size] = measure(cfgs, size, reps=args.reps, warmup=args.warmup)
+        print(format_table({size: all_results[size]}), flush=True)
+    report = {
+        "machine": {
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "config_file": os.path.relpath(args.config_file, REPO),
+        "opts": args.opts,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "results": all_results,
+        "table": format_table(all_results),
+    }
+    print(report["table"])
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
