@@ -18,17 +18,21 @@ repetitions of the ratio measured in the same repetition, with its min-max.
 The RPN's two predictors are zeroed so that every variant gets the same
 proposals, hence the same RoIs in its heads; inference keeps 100 detections
 (score threshold 0) so the mask head always runs on the same number of boxes.
+On a machine shared with other jobs, ``--threads 1 --timer cpu`` (this
+process's CPU time) gives much steadier ratios than wall-clock time.
 
-    nice -n 10 .venv/bin/python tools/benchmark.py --sizes 320 640 800 --reps 5 --json docs/benchmark.json
+    nice -n 10 .venv/bin/python tools/benchmark.py --sizes 320 640 800 --reps 3 --threads 1 --timer cpu \
+        --json docs/benchmark.json --markdown docs/benchmark.md
 """
 import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -38,8 +42,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from wsbcn_d2 import add_wsbcn_config
-from wsbcn_d2.layers import WSConv2d
+from wsbcn_d2 import add_wsbcn_config, fold_for_inference
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_R_50_FPN_2x_gn_ws.yaml")
@@ -130,9 +134,28 @@ def saved_tensor_bytes(model: nn.Module, batch: List[Dict]) -> Dict[str, int]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Clock:
+    """Wall and process-CPU seconds of a ``with`` block (waiting for CUDA work)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "_Clock":
+        self._sync()
+        self.wall, self.cpu = -time.perf_counter(), -time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.wall += time.perf_counter()
+        self.cpu += time.process_time()
+
+    def times(self, name: str) -> Dict[str, float]:
+        return {f"{name}_s": self.wall, f"{name}_cpu_s": self.cpu}
 
 
 class _Runner:
@@ -145,38 +168,41 @@ class _Runner:
         self.model = build_benchmark_model(cfg, seed)
         self.optimizer = build_optimizer(cfg, self.model)
         self.device = torch.device(cfg.MODEL.DEVICE)
+        self.folded: Optional[nn.Module] = None
         self.num_fg = float("nan")
 
     def train_step(self, batch: List[Dict]) -> Dict[str, float]:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        _sync(self.device)
-        start = time.perf_counter()
-        with EventStorage(0) as storage:
+        with EventStorage(0) as storage, _Clock(self.device) as clock:
             loss = sum(self.model(batch).values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            _sync(self.device)
-            elapsed = time.perf_counter() - start
-            self.num_fg = storage.history("roi_head/num_fg_samples").latest()
-        out = {"train_s": elapsed}
+        self.num_fg = storage.history("roi_head/num_fg_samples").latest()
+        out = clock.times("train")
         if self.device.type == "cuda":
             out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
 
+    def fold(self) -> None:
+        """Also time :func:`fold_for_inference` of the model, if it has anything to fold."""
+        if any(isinstance(m, (WSConv2d, BatchChannelNorm2d)) for m in self.model.modules()):
+            self.folded = fold_for_inference(self.model)
+
     def infer(self, images: List[Dict]) -> Dict[str, float]:
-        _sync(self.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            self.model(images)
-        _sync(self.device)
-        return {"infer_s": (time.perf_counter() - start) / len(images)}
+        out = {}
+        for name, model in (("infer", self.model), ("infer_folded", self.folded)):
+            if model is not None:
+                with torch.no_grad(), _Clock(self.device) as clock:
+                    model(images)
+                out.update(clock.times(name))
+        return out
 
 
 def _interleaved(
     runners: Dict[str, _Runner], step: Callable[[_Runner], Dict], training: bool, reps: int, warmup: int
-) -> Dict:
+) -> Dict[str, Dict[str, List[float]]]:
     """``step`` on every runner, ``warmup`` untimed rounds then ``reps`` rounds in rotating order.
 
     The mode is set once, as a trainer or evaluator does (switching modes drops WS caches).
@@ -197,9 +223,13 @@ def _interleaved(
 
 
 def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
+    """Median of each series, and median / min / max of its per-repetition ratio to the baseline's.
+
+    Folded inference is compared with the baseline's inference.
+    """
     out = {}
     for key, vals in values.items():
-        ratios = [v / b for v, b in zip(vals, base[key])]
+        ratios = [v / b for v, b in zip(vals, base[key.replace("_folded", "")])]
         out[key] = {
             "median": statistics.median(vals),
             "ratio": statistics.median(ratios),
@@ -225,63 +255,80 @@ def measure(
     """Measure every variant of ``cfgs`` (``BASELINE`` among them) at one input size.
 
     Returns, per variant: ``saved_bytes`` / ``saved_activation_bytes`` (and their
-    ratios to the baseline), ``train_s`` / ``infer_s`` (and ``cuda_peak_bytes``
-    on GPU) summarized as the median value and the median, min and max of the
-    per-repetition ratio to the baseline, ``num_fg`` (foreground RoIs of the
-    last training step) and ``ws_cache_reused``.
+    ratios to the baseline); wall and process-CPU seconds ``train_s``,
+    ``train_cpu_s``, ``infer_s``, ``infer_cpu_s`` and, for models with WS or
+    BCN, ``infer_folded_s`` / ``infer_folded_cpu_s`` (after
+    :func:`fold_for_inference`), plus ``cuda_peak_bytes`` on GPU, each as the
+    median value and the median, min and max of the per-repetition ratio to the
+    baseline; ``num_fg`` (foreground RoIs per training step, equal for all
+    variants) and ``ws_cache_reused``.
     """
     if BASELINE not in cfgs:
         raise ValueError(f"the variants must include the baseline {BASELINE!r}")
     runners = {name: _Runner(cfg, seed) for name, cfg in cfgs.items()}
-    device = next(iter(runners.values())).device
+    device = runners[BASELINE].device
     sample = synthetic_input(short_side, seed=seed)
     batch = [{k: v.to(device) for k, v in sample.items()}]
     images = [{"image": batch[0]["image"]}]
 
     results = {name: saved_tensor_bytes(r.model, batch) for name, r in runners.items()}
-    print(f"[{short_side} px] saved bytes measured; timing training steps", file=sys.stderr, flush=True)
+    print(f"[{short_side} px] timing training steps", file=sys.stderr, flush=True)
     train = _interleaved(runners, lambda r: r.train_step(batch), True, reps, warmup)
     print(f"[{short_side} px] timing inference", file=sys.stderr, flush=True)
+    for runner in runners.values():
+        runner.fold()
     infer = _interleaved(runners, lambda r: r.infer(images), False, reps, warmup)
+    base = {**train[BASELINE], **infer[BASELINE]}
     for name, runner in runners.items():
         res = results[name]
-        res.update(_ratio_summary({**train[name], **infer[name]}, {**train[BASELINE], **infer[BASELINE]}))
+        res.update(_ratio_summary({**train[name], **infer[name]}, base))
         res["num_fg"] = runner.num_fg
         res["ws_cache_reused"] = _ws_cache_reused(runner.model, images)
-    for name in runners:
+    for res in results.values():
         for key in ("saved_bytes", "saved_activation_bytes"):
-            results[name][f"{key}_ratio"] = results[name][key] / results[BASELINE][key]
+            res[f"{key}_ratio"] = res[key] / results[BASELINE][key]
     return results
 
 
-def format_table(all_results: Dict[int, Dict[str, Dict]]) -> str:
-    """A markdown table of ratios to the baseline, one row per (size, variant)."""
-    lines = [
-        "| short side | variant | train step | inference | saved for backward |",
-        "|---|---|---|---|---|",
-    ]
+def format_table(all_results: Dict[int, Dict[str, Dict]], timer: str = "wall") -> str:
+    """A markdown table of ratios to the baseline, one row per (size, variant).
 
-    def cell(res: Dict, key: str) -> str:
-        r = res[key]
-        return f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
-
+    ``timer`` picks wall-clock (``"wall"``) or process-CPU (``"cpu"``) times.
+    Ratios are medians over repetitions, with their min-max; the baseline's
+    row holds its absolute figures.
+    """
+    suffix = "_s" if timer == "wall" else "_cpu_s"
+    time_keys = [f"train{suffix}", f"infer{suffix}", f"infer_folded{suffix}"]
+    cuda = any("cuda_peak_bytes" in res for results in all_results.values() for res in results.values())
+    header = ["short side", "variant", "train step", "inference", "inference, folded", "saved for backward"]
+    header += ["CUDA peak"] if cuda else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for size, results in all_results.items():
-        base = results[BASELINE]
         for name, res in results.items():
             if name == BASELINE:
-                row = (
-                    f"{base['train_s']['median']:.2f} s",
-                    f"{base['infer_s']['median']:.2f} s",
-                    f"{base['saved_bytes'] / 2**20:.0f} MiB",
-                )
+                row = [f"{res[k]['median']:.2f} s" if k in res else "" for k in time_keys]
+                row.append(f"{res['saved_bytes'] / 2**20:.0f} MiB")
+                row += [f"{res['cuda_peak_bytes']['median'] / 2**20:.0f} MiB"] if cuda else []
             else:
-                row = (
-                    cell(res, "train_s"),
-                    cell(res, "infer_s"),
-                    f"{res['saved_bytes_ratio']:.3f}",
-                )
+                keys = time_keys + (["cuda_peak_bytes"] if cuda else [])
+                row = [
+                    f"{res[k]['ratio']:.3f} ({res[k]['ratio_min']:.2f}-{res[k]['ratio_max']:.2f})" if k in res else ""
+                    for k in keys
+                ]
+                row.insert(3, f"{res['saved_bytes_ratio']:.3f}")
             lines.append(f"| {size} | {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def main(argv: Sequence[str] = None) -> Dict:
@@ -293,7 +340,15 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="times in the printed table: wall clock, or this process's CPU time (steadier on a shared "
+        "machine with --threads 1); the JSON holds both",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--markdown", help="also write the table, machine and command to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every variant")
     args = parser.parse_args(argv)
     if BASELINE not in args.variants:
@@ -305,10 +360,10 @@ def main(argv: Sequence[str] = None) -> Dict:
     all_results = {}
     for size in args.sizes:
         all_results[size] = measure(cfgs, size, reps=args.reps, warmup=args.warmup)
-        print(format_table({size: all_results[size]}), flush=True)
+        print(format_table({size: all_results[size]}, args.timer), flush=True)
     report = {
         "machine": {
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "device": _machine(args.device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),
@@ -317,15 +372,39 @@ def main(argv: Sequence[str] = None) -> Dict:
         "opts": args.opts,
         "reps": args.reps,
         "warmup": args.warmup,
+        "timer": args.timer,
         "results": all_results,
-        "table": format_table(all_results),
+        "table": format_table(all_results, args.timer),
     }
     print(report["table"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(_markdown(report, argv if argv is not None else sys.argv[1:]))
     return report
+
+
+def _markdown(report: Dict, argv: Sequence[str]) -> str:
+    machine = report["machine"]
+    timer = "process CPU time" if report["timer"] == "cpu" else "wall-clock time"
+    return "\n".join(
+        [
+            "# Cost of WS and BCN, ratio to GN",
+            "",
+            f"{machine['date']}, {machine['device']}, {machine['threads']} torch thread(s), torch {machine['torch']};",
+            f"`{report['config_file']}` {' '.join(report['opts'])}; {report['warmup']} warm-up and "
+            f"{report['reps']} interleaved repetitions per variant; times are {timer}.",
+            "",
+            f"    nice -n 10 .venv/bin/python tools/benchmark.py {shlex.join(argv)}",
+            "",
+            report["table"],
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

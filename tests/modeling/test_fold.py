@@ -88,6 +88,7 @@ def test_gn_ws_model_folds_to_plain_convs():
         assert relative_error(actual[key], value) < 1e-5, key
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # detectron2's data-dependent branches
 def test_folded_model_traces_with_detectron2_tracing_adapter():
     folded = fold_for_inference(randomized_model("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0))
     inputs = [{"image": image()}]

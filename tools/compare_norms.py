@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""The paper's claim at small scale: GN vs GN+WS vs BCN+WS, from scratch at 1 image per batch.
+
+Trains the demo Mask R-CNN with ``tools/train_net.py`` once per setting (same
+seed, same iterations, same schedule; only the norm layers and WS differ) and
+writes into ``docs/``:
+
+- default mode: ``norm_comparison.md`` (box / mask AP table and the command)
+  and ``norm_comparison.png`` (total-loss curves);
+- ``--update-rates R ...``: BCN+WS once per BCN estimate update rate,
+  ``bcn_update_rate.md`` and ``bcn_update_rate.png``.
+
+The demo config is read, not copied: its schedule is rescaled to ``--iters``
+iterations at 1 image per batch (learning rate scaled linearly with the batch,
+steps and warm-up in proportion). Runs go under ``--work-dir`` (their logs,
+metrics.json, checkpoints); ``--reuse`` keeps finished ones.
+
+    nice -n 10 .venv/bin/python tools/compare_norms.py
+    nice -n 10 .venv/bin/python tools/compare_norms.py --update-rates 0 0.01 0.05 0.1 0.3
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from detectron2.config import CfgNode, get_cfg
+
+from benchmark import VARIANTS  # noqa: E402  (tools/ is on sys.path when run as a script)
+from wsbcn_d2 import add_wsbcn_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "configs", "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
+SETTINGS = ("GN", "GN+WS", "BCN+WS")
+METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+
+
+def schedule_opts(cfg: CfgNode, iters: int) -> List[str]:
+    """Overrides for ``iters`` iterations at 1 image per batch, the config's schedule rescaled."""
+    solver = cfg.SOLVER
+    scale = iters / solver.MAX_ITER
+    steps = tuple(sorted({min(max(1, round(s * scale)), iters - 1) for s in solver.STEPS}))
+    return [
+        "SOLVER.IMS_PER_BATCH", "1",
+        "SOLVER.BASE_LR", repr(solver.BASE_LR / solver.IMS_PER_BATCH),  # linear scaling rule
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", str(steps),
+        "SOLVER.WARMUP_ITERS", str(round(solver.WARMUP_ITERS * scale)),
+        "TEST.EVAL_PERIOD", "0",  # evaluate once, after the last iteration
+    ]  # fmt: skip
+
+
+def read_metrics(output_dir: str, opts: Sequence[str]) -> Optional[Dict]:
+    """``{"loss": [(iteration, total_loss)], "ap": {metric: value}}`` of a finished run with ``opts``, else None."""
+    path = os.path.join(output_dir, "metrics.json")
+    opts_file = os.path.join(output_dir, "opts.json")
+    if not (os.path.isfile(path) and os.path.isfile(opts_file)):
+        return None
+    with open(opts_file) as f:
+        if json.load(f) != list(opts):
+            return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    loss = [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r]
+    ap = next((r for r in reversed(records) if "bbox/AP" in r), None)
+    if ap is None:
+        return None
+    # a model without predictions gets NaN box AP and no mask AP
+    return {"loss": loss, "ap": {k: ap.get(k, float("nan")) for k in METRICS}}
+
+
+def train(name: str, opts: Sequence[str], config_file: str, output_dir: str, reuse: bool) -> Dict:
+    """Run tools/train_net.py (under ``nice``) unless ``reuse`` and a finished run is there."""
+    if reuse and (metrics := read_metrics(output_dir, opts)) is not None:
+        print(f"[{name}] reusing {output_dir}", flush=True)
+        return metrics
+    os.makedirs(output_dir, exist_ok=True)
+    for stale in ("metrics.json", "last_checkpoint"):
+        if os.path.exists(os.path.join(output_dir, stale)):
+            os.remove(os.path.join(output_dir, stale))
+    with open(os.path.join(output_dir, "opts.json"), "w") as f:
+        json.dump(list(opts), f)
+    cmd = ["nice", "-n", "10", sys.executable, os.path.join(REPO, "tools", "train_net.py")]
+    cmd += ["--config-file", config_file, *opts, "OUTPUT_DIR", output_dir]
+    print(f"[{name}] {shlex.join(cmd)}", flush=True)
+    start = time.time()
+    with open(os.path.join(output_dir, "stdout.log"), "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=True)
+    metrics = read_metrics(output_dir, opts)
+    if metrics is None:
+        raise RuntimeError(f"[{name}] finished without evaluation results in {output_dir}/metrics.json")
+    minutes = (time.time() - start) / 60
+    print(f"[{name}] {minutes:.1f} min, " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["ap"].items()), flush=True)
+    return metrics
+
+
+def plot_losses(runs: Dict[str, Dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, metrics in runs.items():
+        iterations, losses = zip(*metrics["loss"])
+        ax.plot(iterations, losses, label=name, linewidth=1.2)
+    ax.set_xlabel("iteration (1 image each)")
+    ax.set_ylabel("total loss (median of 20 iterations)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ap_table(runs: Dict[str, Dict], first_column: str) -> str:
+    lines = [f"| {first_column} | " + " | ".join(METRICS) + " | final loss |", "|" + "---|" * (len(METRICS) + 2)]
+    for name, metrics in runs.items():
+        final_loss = sum(v for _, v in metrics["loss"][-5:]) / len(metrics["loss"][-5:])
+        cells = [f"{metrics['ap'][k]:.1f}" for k in METRICS] + [f"{final_loss:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ordering_verdict(runs: Dict[str, Dict]) -> str:
+    """Whether BCN+WS >= GN+WS >= GN holds for box and mask AP, with the margins."""
+    lines = []
+    for metric in ("bbox/AP", "segm/AP"):
+        gn, gn_ws, bcn_ws = (runs[s]["ap"][metric] for s in SETTINGS)
+        holds = bcn_ws >= gn_ws >= gn
+        lines.append(
+            f"- {metric}: BCN+WS >= GN+WS >= GN {'holds' if holds else 'does not hold'} "
+            f"(GN+WS - GN = {gn_ws - gn:+.1f}, BCN+WS - GN+WS = {bcn_ws - gn_ws:+.1f} AP)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default=DEMO_CONFIG)
+    parser.add_argument("--iters", type=int, help="training iterations (default: as many images as the config)")
+    parser.add_argument("--seed", type=int, help="SEED of every run (default: the config's, else 0)")
+    parser.add_argument("--update-rates", type=float, nargs="+", help="sweep BCN's update rate instead")
+    parser.add_argument("--work-dir", default=os.path.join(REPO, "output", "compare_norms"))
+    parser.add_argument("--docs-dir", default=os.path.join(REPO, "docs"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs found in --work-dir")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args(argv)
+
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    iters = args.iters or cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH
+    seed = args.seed if args.seed is not None else max(cfg.SEED, 0)
+    common = [*schedule_opts(cfg, iters), "SEED", str(seed), *args.opts]
+    bcn_ws = [*VARIANTS["BCN+WS"], "MODEL.BCN.UPDATE_RATE"]
+    if args.update_rates is None:
+        settings = {name: VARIANTS[name] for name in SETTINGS}
+        settings["BCN+WS"] = [*bcn_ws, repr(cfg.MODEL.BCN.UPDATE_RATE)]
+        stem, first_column = "norm_comparison", "norms"
+        title = f"Mask R-CNN R-18-FPN from scratch, 1 image/batch, {iters} iterations"
+    else:
+        settings = {f"r = {r:g}": [*bcn_ws, repr(r)] for r in args.update_rates}
+        stem, first_column = "bcn_update_rate", "BCN+WS, update rate"
+        title = f"BCN+WS update rate, 1 image/batch, {iters} iterations"
+
+    runs = {}
+    for name, opts in settings.items():
+        # named by what they train, so that both modes share the BCN+WS run at the same rate
+        slug = name.replace("+", "_") if "BCN" not in " ".join(opts) else f"BCN_WS_r{float(opts[-1]):g}"
+        out = os.path.join(args.work_dir, f"{iters}it_seed{seed}", slug)
+        runs[name] = train(name, [*common, *opts], args.config_file, out, args.reuse)
+
+    os.makedirs(args.docs_dir, exist_ok=True)
+    png = os.path.join(args.docs_dir, f"{stem}.png")
+    plot_losses(runs, png, title)
+    command = shlex.join(["nice", "-n", "10", ".venv/bin/python", "tools/compare_norms.py", *(argv or sys.argv[1:])])
+    doc = [
+        f"# {title}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d')} by `{command}`",
+        f"(config `{os.path.relpath(args.config_file, REPO)}`, overrides: `{' '.join(common)}`).",
+        "One run per row, same seed and schedule; AP on the demo's validation split after the last iteration.",
+        "",
+        ap_table(runs, first_column),
+        "",
+        *([ordering_verdict(runs), ""] if args.update_rates is None else []),
+        f"![total loss]({os.path.basename(png)})",
+    ]
+    with open(os.path.join(args.docs_dir, f"{stem}.md"), "w") as f:
+        f.write("\n".join(doc) + "\n")
+    print("\n".join(doc))
+
+
+if __name__ == "__main__":
+    main()
