@@ -239,9 +239,11 @@ def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]])
     return out
 
 
-def _ws_cache_reused(model: nn.Module, images: List[Dict]) -> bool:
-    """True if a second eval call reuses every WS conv's cached standardized weight."""
+def _ws_cache_reused(model: nn.Module, images: List[Dict]) -> Optional[bool]:
+    """Whether a second eval call reuses every WS conv's cached standardized weight (None: no WS)."""
     convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    if not convs:
+        return None
     with torch.no_grad():
         model(images)
         cached = [m._cached_weight for m in convs]
@@ -261,7 +263,7 @@ def measure(
     :func:`fold_for_inference`), plus ``cuda_peak_bytes`` on GPU, each as the
     median value and the median, min and max of the per-repetition ratio to the
     baseline; ``num_fg`` (foreground RoIs per training step, equal for all
-    variants) and ``ws_cache_reused``.
+    variants) and ``ws_cache_reused`` (None without WS).
     """
     if BASELINE not in cfgs:
         raise ValueError(f"the variants must include the baseline {BASELINE!r}")
