@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 
-from benchmark import VARIANTS  # noqa: E402  (tools/ is on sys.path when run as a script)
+from benchmark import VARIANTS  # tools/ is on sys.path when run as a script
 from wsbcn_d2 import add_wsbcn_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
