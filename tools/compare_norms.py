@@ -13,7 +13,7 @@ writes into ``docs/``:
 The demo config is read, not copied: its schedule is rescaled to ``--iters``
 iterations at 1 image per batch (learning rate scaled linearly with the batch,
 steps and warm-up in proportion). Runs go under ``--work-dir`` (their logs,
-metrics.json, checkpoints); ``--reuse`` keeps finished ones.
+metrics.json, checkpoints); ``--reuse`` keeps a finished run whose full config is unchanged.
 
     nice -n 10 .venv/bin/python tools/compare_norms.py
     nice -n 10 .venv/bin/python tools/compare_norms.py --update-rates 0 0.01 0.05 0.1 0.3
@@ -54,14 +54,23 @@ def schedule_opts(cfg: CfgNode, iters: int) -> List[str]:
     ]  # fmt: skip
 
 
-def read_metrics(output_dir: str, opts: Sequence[str]) -> Optional[Dict]:
-    """``{"loss": [(iteration, total_loss)], "ap": {metric: value}}`` of a finished run with ``opts``, else None."""
+def resolved_config(config_file: str, opts: Sequence[str]) -> str:
+    """The full config a run trains with (YAML), so a finished run is reused only if nothing changed."""
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg.dump()
+
+
+def read_metrics(output_dir: str, config: str) -> Optional[Dict]:
+    """``{"loss": [(iteration, total_loss)], "ap": {metric: value}}`` of a finished run of ``config``, else None."""
     path = os.path.join(output_dir, "metrics.json")
-    opts_file = os.path.join(output_dir, "opts.json")
-    if not (os.path.isfile(path) and os.path.isfile(opts_file)):
+    config_file = os.path.join(output_dir, "requested_config.yaml")
+    if not (os.path.isfile(path) and os.path.isfile(config_file)):
         return None
-    with open(opts_file) as f:
-        if json.load(f) != list(opts):
+    with open(config_file) as f:
+        if f.read() != config:
             return None
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -75,15 +84,16 @@ def read_metrics(output_dir: str, opts: Sequence[str]) -> Optional[Dict]:
 
 def train(name: str, opts: Sequence[str], config_file: str, output_dir: str, reuse: bool, threads: int) -> Dict:
     """Run tools/train_net.py (under ``nice``, ``threads`` threads) unless ``reuse`` and a finished run is there."""
-    if reuse and (metrics := read_metrics(output_dir, opts)) is not None:
+    config = resolved_config(config_file, opts)
+    if reuse and (metrics := read_metrics(output_dir, config)) is not None:
         print(f"[{name}] reusing {output_dir}", flush=True)
         return metrics
     os.makedirs(output_dir, exist_ok=True)
     for stale in ("metrics.json", "last_checkpoint"):
         if os.path.exists(os.path.join(output_dir, stale)):
             os.remove(os.path.join(output_dir, stale))
-    with open(os.path.join(output_dir, "opts.json"), "w") as f:
-        json.dump(list(opts), f)
+    with open(os.path.join(output_dir, "requested_config.yaml"), "w") as f:
+        f.write(config)
     cmd = ["nice", "-n", "10", sys.executable, os.path.join(REPO, "tools", "train_net.py")]
     cmd += ["--config-file", config_file, *opts, "OUTPUT_DIR", output_dir]
     print(f"[{name}] {shlex.join(cmd)}", flush=True)
@@ -91,7 +101,7 @@ def train(name: str, opts: Sequence[str], config_file: str, output_dir: str, reu
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(os.path.join(output_dir, "stdout.log"), "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=True)
-    metrics = read_metrics(output_dir, opts)
+    metrics = read_metrics(output_dir, config)
     if metrics is None:
         raise RuntimeError(f"[{name}] finished without evaluation results in {output_dir}/metrics.json")
     minutes = (time.time() - start) / 60
