@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's claim at small scale: GN vs GN+WS vs BCN+WS, from scratch at 1 image per batch.
 
-Trains the demo Mask R-CNN with ``tools/train_net.py`` once per setting (same
-seed, same iterations, same schedule; only the norm layers and WS differ) and
+Trains the demo Mask R-CNN with ``tools/train_net.py`` once per setting and seed
+(same seeds, iterations and schedule; only the norm layers and WS differ) and
 writes into ``docs/``:
 
 - default mode: ``norm_comparison.md`` (box / mask AP table and the command)
@@ -15,8 +15,8 @@ iterations at 1 image per batch (learning rate scaled linearly with the batch,
 steps and warm-up in proportion). Runs go under ``--work-dir`` (their logs,
 metrics.json, checkpoints); ``--reuse`` keeps a finished run whose full config is unchanged.
 
-    nice -n 10 .venv/bin/python tools/compare_norms.py
-    nice -n 10 .venv/bin/python tools/compare_norms.py --update-rates 0 0.01 0.05 0.1 0.3
+    nice -n 10 .venv/bin/python tools/compare_norms.py --seeds 0 1 --jobs 2
+    nice -n 10 .venv/bin/python tools/compare_norms.py --update-rates 0 0.01 0.05 0.1 0.3 --jobs 2
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -109,16 +109,22 @@ def train(name: str, opts: Sequence[str], config_file: str, output_dir: str, reu
     return metrics
 
 
-def plot_losses(runs: Dict[str, Dict], path: str, title: str) -> None:
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def plot_losses(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
+    """One colour per setting, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, metrics in runs.items():
-        iterations, losses = zip(*metrics["loss"])
-        ax.plot(iterations, losses, label=name, linewidth=1.2)
+    for (name, seed_runs), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for i, metrics in enumerate(seed_runs):
+            iterations, losses = zip(*metrics["loss"])
+            ax.plot(iterations, losses, color=colour, label=None if i else name, linewidth=1.0, alpha=0.85)
     ax.set_xlabel("iteration (1 image each)")
     ax.set_ylabel("total loss (median of 20 iterations)")
     ax.set_yscale("log")
@@ -130,24 +136,32 @@ def plot_losses(runs: Dict[str, Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def ap_table(runs: Dict[str, Dict], first_column: str) -> str:
+def ap_table(runs: Dict[str, List[Dict]], first_column: str) -> str:
+    """Mean over seeds per setting; with several seeds, each seed's value follows in brackets."""
     lines = [f"| {first_column} | " + " | ".join(METRICS) + " | final loss |", "|" + "---|" * (len(METRICS) + 2)]
-    for name, metrics in runs.items():
-        final_loss = sum(v for _, v in metrics["loss"][-5:]) / len(metrics["loss"][-5:])
-        cells = [f"{metrics['ap'][k]:.1f}" for k in METRICS] + [f"{final_loss:.3f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, seed_runs in runs.items():
+        cells = []
+        for k in METRICS:
+            values = [m["ap"][k] for m in seed_runs]
+            per_seed = f" ({' / '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
+            cells.append(f"{mean(values):.1f}{per_seed}")
+        final_loss = mean([mean([v for _, v in m["loss"][-5:]]) for m in seed_runs])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {final_loss:.3f} |")
     return "\n".join(lines)
 
 
-def ordering_verdict(runs: Dict[str, Dict]) -> str:
-    """Whether BCN+WS >= GN+WS >= GN holds for box and mask AP, with the margins."""
+def ordering_verdict(runs: Dict[str, List[Dict]]) -> str:
+    """Whether BCN+WS >= GN+WS >= GN holds for mean box and mask AP (and in how many seeds), with the margins."""
     lines = []
     for metric in ("bbox/AP", "segm/AP"):
-        gn, gn_ws, bcn_ws = (runs[s]["ap"][metric] for s in SETTINGS)
+        per_seed = list(zip(*([m["ap"][metric] for m in runs[s]] for s in SETTINGS)))
+        gn, gn_ws, bcn_ws = (mean(values) for values in zip(*per_seed))
         holds = bcn_ws >= gn_ws >= gn
+        seeds = sum(b >= w >= g for g, w, b in per_seed)
         lines.append(
             f"- {metric}: BCN+WS >= GN+WS >= GN {'holds' if holds else 'does not hold'} "
-            f"(GN+WS - GN = {gn_ws - gn:+.1f}, BCN+WS - GN+WS = {bcn_ws - gn_ws:+.1f} AP)"
+            f"(GN+WS - GN = {gn_ws - gn:+.1f}, BCN+WS - GN+WS = {bcn_ws - gn_ws:+.1f} AP"
+            + (f"; holds in {seeds} of {len(per_seed)} seeds)" if len(per_seed) > 1 else ")")
         )
     return "\n".join(lines)
 
@@ -156,7 +170,9 @@ def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=DEMO_CONFIG)
     parser.add_argument("--iters", type=int, help="training iterations (default: as many images as the config)")
-    parser.add_argument("--seed", type=int, help="SEED of every run (default: the config's, else 0)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="train every setting once per SEED (default: the config's, else 0)"
+    )
     parser.add_argument("--update-rates", type=float, nargs="+", help="sweep BCN's update rate instead")
     parser.add_argument("--work-dir", default=os.path.join(REPO, "output", "compare_norms"))
     parser.add_argument("--docs-dir", default=os.path.join(REPO, "docs"))
@@ -175,8 +191,8 @@ def main(argv: Sequence[str] = None) -> None:
     add_wsbcn_config(cfg)
     cfg.merge_from_file(args.config_file)
     iters = args.iters or cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH
-    seed = args.seed if args.seed is not None else max(cfg.SEED, 0)
-    common = [*schedule_opts(cfg, iters), "SEED", str(seed), *args.opts]
+    seeds = args.seeds or [max(cfg.SEED, 0)]
+    common = [*schedule_opts(cfg, iters), *args.opts]
     bcn_ws = [*VARIANTS["BCN+WS"], "MODEL.BCN.UPDATE_RATE"]
     if args.update_rates is None:
         settings = {name: VARIANTS[name] for name in SETTINGS}
@@ -188,16 +204,19 @@ def main(argv: Sequence[str] = None) -> None:
         stem, first_column = "bcn_update_rate", "BCN+WS, update rate"
         title = f"BCN+WS update rate, 1 image/batch, {iters} iterations"
 
-    def run(name: str) -> Dict:
+    def run(job: Tuple[str, int]) -> Dict:
+        name, seed = job
         opts = settings[name]
         # named by what they train, so that both modes share the BCN+WS run at the same rate
         slug = name.replace("+", "_") if "BCN" not in " ".join(opts) else f"BCN_WS_r{float(opts[-1]):g}"
         out = os.path.join(args.work_dir, f"{iters}it_seed{seed}", slug)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        return train(name, [*common, *opts], args.config_file, out, args.reuse, threads)
+        return train(f"{name}, seed {seed}", [*common, *opts, "SEED", str(seed)], args.config_file, out, args.reuse, threads)
 
+    jobs = [(name, seed) for seed in seeds for name in settings]
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = dict(zip(settings, pool.map(run, settings)))
+        results = dict(zip(jobs, pool.map(run, jobs)))
+    runs = {name: [results[name, seed] for seed in seeds] for name in settings}
 
     os.makedirs(args.docs_dir, exist_ok=True)
     png = os.path.join(args.docs_dir, f"{stem}.png")
@@ -207,8 +226,10 @@ def main(argv: Sequence[str] = None) -> None:
         f"# {title}",
         "",
         f"Generated {time.strftime('%Y-%m-%d')} by `{command}`",
-        f"(config `{os.path.relpath(args.config_file, REPO)}`, overrides: `{' '.join(common)}`).",
-        "One run per row, same seed and schedule; AP on the demo's validation split after the last iteration.",
+        f"(config `{os.path.relpath(args.config_file, REPO)}`, overrides: `{' '.join(common)}`, "
+        f"seeds {', '.join(map(str, seeds))}).",
+        "Same schedule and seeds for every row; AP on the demo's validation split after the last iteration"
+        + (", mean over seeds (each seed's value in brackets)." if len(seeds) > 1 else "."),
         "",
         ap_table(runs, first_column),
         "",
