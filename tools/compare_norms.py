@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from statistics import fmean as mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode, get_cfg
@@ -107,10 +108,6 @@ def train(name: str, opts: Sequence[str], config_file: str, output_dir: str, reu
     minutes = (time.time() - start) / 60
     print(f"[{name}] {minutes:.1f} min, " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["ap"].items()), flush=True)
     return metrics
-
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def plot_losses(runs: Dict[str, List[Dict]], path: str, title: str) -> None:
