@@ -55,13 +55,17 @@ def schedule_opts(cfg: CfgNode, iters: int) -> List[str]:
     ]  # fmt: skip
 
 
-def resolved_config(config_file: str, opts: Sequence[str]) -> str:
-    """The full config a run trains with (YAML), so a finished run is reused only if nothing changed."""
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     cfg = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    return cfg.dump()
+    return cfg
+
+
+def resolved_config(config_file: str, opts: Sequence[str]) -> str:
+    """The full config a run trains with (YAML), so a finished run is reused only if nothing changed."""
+    return load_config(config_file, opts).dump()
 
 
 def read_metrics(output_dir: str, config: str) -> Optional[Dict]:
@@ -184,31 +188,36 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_wsbcn_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(args.config_file)
     iters = args.iters or cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH
     seeds = args.seeds or [max(cfg.SEED, 0)]
     common = [*schedule_opts(cfg, iters), *args.opts]
-    bcn_ws = [*VARIANTS["BCN+WS"], "MODEL.BCN.UPDATE_RATE"]
+
+    def bcn_ws(rate: float) -> Tuple[str, List[str]]:
+        # named by the rate, so that both modes share the BCN+WS run at the same rate
+        return f"BCN_WS_r{rate:g}", [*VARIANTS["BCN+WS"], "MODEL.BCN.UPDATE_RATE", repr(rate)]
+
+    # setting name -> (run folder, overrides)
     if args.update_rates is None:
-        settings = {name: VARIANTS[name] for name in SETTINGS}
-        settings["BCN+WS"] = [*bcn_ws, repr(cfg.MODEL.BCN.UPDATE_RATE)]
+        settings = {
+            "GN": ("GN", VARIANTS["GN"]),
+            "GN+WS": ("GN_WS", VARIANTS["GN+WS"]),
+            "BCN+WS": bcn_ws(cfg.MODEL.BCN.UPDATE_RATE),
+        }
         stem, first_column = "norm_comparison", "norms"
         title = f"Mask R-CNN R-18-FPN from scratch, 1 image/batch, {iters} iterations"
     else:
-        settings = {f"r = {r:g}": [*bcn_ws, repr(r)] for r in args.update_rates}
+        settings = {f"r = {r:g}": bcn_ws(r) for r in args.update_rates}
         stem, first_column = "bcn_update_rate", "BCN+WS, update rate"
         title = f"BCN+WS update rate, 1 image/batch, {iters} iterations"
 
     def run(job: Tuple[str, int]) -> Dict:
         name, seed = job
-        opts = settings[name]
-        # named by what they train, so that both modes share the BCN+WS run at the same rate
-        slug = name.replace("+", "_") if "BCN" not in " ".join(opts) else f"BCN_WS_r{float(opts[-1]):g}"
-        out = os.path.join(args.work_dir, f"{iters}it_seed{seed}", slug)
+        folder, opts = settings[name]
+        out = os.path.join(args.work_dir, f"{iters}it_seed{seed}", folder)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        return train(f"{name}, seed {seed}", [*common, *opts, "SEED", str(seed)], args.config_file, out, args.reuse, threads)
+        opts = [*common, *opts, "SEED", str(seed)]
+        return train(f"{name}, seed {seed}", opts, args.config_file, out, args.reuse, threads)
 
     jobs = [(name, seed) for seed in seeds for name in settings]
     with ThreadPoolExecutor(args.jobs) as pool:
