@@ -1,5 +1,8 @@
-"""Shared test helpers: configs from the repository and a tiny synthetic training input."""
+"""Shared test helpers: configs from the repository, a tiny synthetic training input, and a
+check that tools/train_net.py fails cleanly on bad input."""
 import os
+import subprocess
+import sys
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -34,3 +37,38 @@ def synthetic_batch(height: int = 128, width: int = 160, seed: int = 0) -> list:
     instances.gt_classes = torch.tensor([0, 1])
     instances.gt_masks = BitMasks(masks)
     return [{"image": image, "instances": instances, "height": height, "width": width}]
+
+
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+SENTINELS = {
+    "config.yaml": b"# sentinel: config of a previous run\n",
+    "metrics.json": b'{"iteration": 0, "sentinel": 1}\n',
+}
+
+
+def assert_train_net_fails_cleanly(tmp_path, args, expected_substrings) -> str:
+    """Run tools/train_net.py on bad input and check that it fails cleanly; return the error line.
+
+    OUTPUT_DIR is ``tmp_path / "output"`` (created if needed, so a test may put files there
+    first), pre-populated with a sentinel config.yaml and metrics.json; ``OUTPUT_DIR`` and
+    ``MODEL.DEVICE cpu`` are appended to ``args`` (so put flags before KEY VALUE overrides).
+    Asserts: nonzero exit, no traceback, the last non-empty stderr line contains every
+    expected substring, and both sentinel files are byte-identical afterwards.
+    """
+    out = tmp_path / "output"
+    out.mkdir(exist_ok=True)
+    for name, content in SENTINELS.items():
+        (out / name).write_bytes(content)
+    run = subprocess.run(
+        [sys.executable, TRAIN_NET, *args, "OUTPUT_DIR", str(out), "MODEL.DEVICE", "cpu"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    assert run.returncode != 0, f"train_net.py succeeded on bad input:\n{run.stderr[-3000:]}"
+    assert "Traceback" not in run.stderr, run.stderr[-5000:]
+    for expected in expected_substrings:
+        assert expected in last, f"{expected!r} not in the last stderr line {last!r}"
+    for name, content in SENTINELS.items():
+        assert (out / name).read_bytes() == content, f"{name} of the previous run was changed"
+    return last
