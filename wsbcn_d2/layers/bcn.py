@@ -16,8 +16,9 @@ Two batch steps exist:
 * large-batch BCN (``estimate=False``): an ordinary batch norm, synchronized
   across processes in distributed training.
 """
+import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
@@ -26,7 +27,16 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BatchChannelNorm2d", "EstimatedBatchNorm2d", "DEFAULT_UPDATE_RATE", "channel_moments"]
+from . import triton_kernels
+from .ws_conv import export_error
+
+__all__ = [
+    "BatchChannelNorm2d",
+    "EstimatedBatchNorm2d",
+    "DEFAULT_UPDATE_RATE",
+    "channel_moments",
+    "group_norm_output_dtype",
+]
 
 DEFAULT_UPDATE_RATE = 0.1
 """Default estimate update rate ``r`` for training from scratch.
@@ -59,6 +69,20 @@ def channel_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, (mean_sq - mean.square()).clamp_min_(0)
 
 
+@functools.lru_cache(maxsize=None)
+def _autocast_group_norm_dtype(device_type: str, autocast_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    with torch.autocast(device_type, dtype=autocast_dtype):
+        return F.group_norm(torch.ones(1, 1, 2, dtype=dtype, device=device_type), 1).dtype
+
+
+def group_norm_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.group_norm(x)`` returns: ``x``'s, unless autocast runs group norm in float32 (CUDA)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x.dtype
+    return _autocast_group_norm_dtype(device_type, torch.get_autocast_dtype(device_type), x.dtype)
+
+
 class _AffineGroupNorm(torch.autograd.Function):
     """``group_norm(x * scale + shift)`` with a per-group affine, in one pass over ``x``.
 
@@ -67,11 +91,11 @@ class _AffineGroupNorm(torch.autograd.Function):
     the per-(sample, channel) moments of ``x``, so ``x1`` is never materialized:
     the forward is ``y = x * S + T`` with (N, C) coefficients, only ``x`` and
     (N, C) statistics are kept for the backward, which is ``dx = A * dy + B * x + D``
-    after two per-(sample, channel) reductions.
+    after two per-(sample, channel) reductions. The output has ``out_dtype``.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, shift, weight, bias, num_groups: int, eps: float, mean, var):
+    def forward(ctx, x, scale, shift, weight, bias, num_groups: int, eps: float, mean, var, out_dtype):
         n, c = x.shape[:2]
         grouped = (n, num_groups, c // num_groups)
         a, b = scale.to(mean.dtype), shift.to(mean.dtype)
@@ -87,7 +111,7 @@ class _AffineGroupNorm(torch.autograd.Function):
         ctx.dtypes = (scale.dtype, shift.dtype, weight.dtype, bias.dtype)
         coef_shape = (n, c) + (1,) * (x.dim() - 2)
         # x * S + T as mul then add_: twice as fast on CPU as a broadcasting addcmul
-        return (x * s.reshape(coef_shape)).add_(t.reshape(coef_shape))
+        return (x * s.reshape(coef_shape)).add_(t.reshape(coef_shape)).to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -121,7 +145,36 @@ class _AffineGroupNorm(torch.autograd.Function):
         d_weight = sum_dy_xhat.sum(dim=(0, 2))
         d_bias = sum_dy.sum(dim=(0, 2))
         grads = (g.to(dtype) for g, dtype in zip((d_scale, d_shift, d_weight, d_bias), ctx.dtypes))
-        return (dx.to(x.dtype), *grads, None, None, None, None)
+        return (dx.to(x.dtype), *grads, None, None, None, None, None)
+
+
+class _TritonBCN(torch.autograd.Function):
+    """The function of :class:`_AffineGroupNorm`, batch step from its parameters, in Triton kernels.
+
+    Takes the batch step's weight, bias and estimates instead of (scale, shift),
+    so the estimate update and the whole per-(N, C) algebra run inside the
+    kernels (:func:`triton_kernels.bcn_forward`), and returns the gradients of
+    the batch step's affine directly.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, bn_weight, bn_bias, weight, bias, running_mean, running_var, bn_eps, eps, rate, update, out_dtype
+    ):
+        y, saved = triton_kernels.bcn_forward(
+            x, bn_weight, bn_bias, running_mean, running_var, weight, bias, bn_eps, eps, rate, update, out_dtype
+        )
+        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight)
+        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
+        dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
+        grads = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return (dx, *grads, None, None, None, None, None, None, None)
 
 
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
@@ -174,10 +227,11 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
         elif count == 0:
             return
         mean_sum, dist_sum, total = stats.split([self.num_features, self.num_features, 1])
-        rate = self.update_rate * (total > 0)  # no update when no process saw a sample
+        dtype = self.running_mean.dtype  # the estimates keep their own dtype
+        rate = (self.update_rate * (total > 0)).to(dtype)  # no update when no process saw a sample
         total = total.clamp(min=1)
-        self.running_mean.lerp_(mean_sum / total, rate)
-        self.running_var.lerp_(dist_sum / total, rate)
+        self.running_mean.lerp_((mean_sum / total).to(dtype), rate)
+        self.running_var.lerp_((dist_sum / total).to(dtype), rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.update_rate > 0:
@@ -254,6 +308,8 @@ class BatchChannelNorm2d(nn.GroupNorm):
         return scale, bn.bias - bn.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise export_error(type(self).__name__)
         bn = self.batch_norm
         if not self._fixed_statistics():
             channels_per_group = self.num_channels // self.num_groups
@@ -264,11 +320,29 @@ class BatchChannelNorm2d(nn.GroupNorm):
                 self.bias.repeat_interleave(channels_per_group),
                 self.eps,
             )
+        out_dtype = group_norm_output_dtype(x)
+        spatial_size = math.prod(x.shape[2:])
+        update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
+        if triton_kernels.use_triton(x) and x.numel() > 0:
+            # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them
+            sync: Optional[Callable] = None
+            if update and comm.get_world_size() > 1:
+                sync = functools.partial(bn.update_estimates, spatial_size=spatial_size)
+            rate = bn.update_rate if update else 0.0
+            return _TritonBCN.apply(
+                x, bn.weight, bn.bias, self.weight, self.bias, bn.running_mean, bn.running_var,
+                bn.eps, self.eps, rate, sync, out_dtype,
+            )  # fmt: skip
         mean, var = channel_moments(x)
-        if isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0:
-            bn.update_estimates(mean, var, math.prod(x.shape[2:]))
+        if update:
+            bn.update_estimates(mean, var, spatial_size)
         scale, shift = self.batch_step_affine()
-        return _AffineGroupNorm.apply(x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var)
+        return _AffineGroupNorm.apply(
+            x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype
+        )
+
+    def __prepare_scriptable__(self):
+        raise export_error(type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"

@@ -11,12 +11,15 @@ the paper's official code (and mmcv's ``ConvWS2d``) computes it. timm's
 two differ by a factor sqrt(n / (n - 1)) that the following norm absorbs.
 """
 import math
-from typing import Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import Conv2d
 
-__all__ = ["WSConv2d", "standardize_weight"]
+from . import triton_kernels
+
+__all__ = ["WSConv2d", "WSConvGroup", "export_error", "standardize_weight"]
 
 
 class _Standardize(torch.autograd.Function):
@@ -59,10 +62,120 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Return ``(W - mean) / (std + eps)`` per output channel, computed in float32 or wider.
 
     Differentiable: gradients reach the raw weight through the standardization.
-    A constant filter maps to zeros with a zero (not NaN) gradient.
+    A constant filter has std 0: its output is float32 rounding noise of the
+    mean times ``1 / (std + eps)`` (about ``1e-7 * |W| / eps``), and its gradient
+    ``(g - mean(g)) / eps`` is finite, not NaN.
     """
     w = weight.to(torch.promote_types(weight.dtype, torch.float32)).flatten(1)
     return _Standardize.apply(w, eps).view_as(weight).to(weight.dtype)
+
+
+class _StandardizeRows(torch.autograd.Function):
+    """WS of several weights at once, flattened into one buffer (Triton kernels).
+
+    When its backward runs, the group's standardized weights have been consumed
+    by a backward pass and the group computes new ones on the next forward.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, row_start, row_len, eps: float, group_ref, token):
+        w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps)
+        ctx.save_for_backward(w_hat, std, row_start, row_len)
+        ctx.eps, ctx.group_ref, ctx.token = eps, group_ref, token
+        return w_hat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group_ref()
+        if group is not None:
+            group.release(ctx.token)
+        grad = triton_kernels.ws_rows_backward(grad, *ctx.saved_tensors, ctx.eps)
+        return grad, None, None, None, None, None
+
+
+class WSConvGroup:
+    """Standardizes the weights of several :class:`WSConv2d` together: a few kernels per step.
+
+    On a GPU a step is bound by kernel launches, so standardizing 69 weights one
+    by one (about 20 kernels each, forward and backward) costs more than the
+    arithmetic. With a group, the first conv that needs its standardized weight
+    with a gradient standardizes all members' weights (those that require a
+    gradient, on CUDA) in one :func:`torch.cat` and one Triton kernel; the other
+    members use their slices. The result serves until a member's weight changes
+    (an optimizer step: version counter) or a backward pass consumes it, so two
+    forwards before one backward (gradient accumulation) share it, and a
+    forward after a backward gets fresh weights. Frozen members, eval and
+    ``no_grad`` use each conv's own cache; CPU tensors use the per-conv torch
+    path. Gradients are the same as per conv.
+    """
+
+    def __init__(self, convs: Sequence["WSConv2d"]):
+        eps = {conv.eps for conv in convs}
+        if len(eps) > 1:
+            raise ValueError(f"a WSConvGroup needs one eps for all its convs, got {sorted(eps)}")
+        self.convs = list(convs)
+        self.eps = eps.pop() if eps else 1e-5
+        self._views: Dict["WSConv2d", Tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._token: Optional[object] = None
+        self._rows: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for conv in self.convs:
+            conv.ws_group = self
+
+    def __getstate__(self) -> dict:
+        # copies (e.g. copy.deepcopy of the model) start without the autograd-attached results
+        return {**self.__dict__, "_views": {}, "_token": None}
+
+    def standardized_weight(self, conv: "WSConv2d") -> torch.Tensor:
+        """``conv``'s standardized weight, from the group's current result (computed if stale)."""
+        entry = self._views.get(conv)
+        if entry is None or entry[1] is not conv.weight or entry[2] != conv.weight._version:
+            self._standardize()
+            entry = self._views[conv]
+        return entry[0]
+
+    def release(self, token: object) -> None:
+        """Drop the current result if ``token`` is its (called when its backward runs)."""
+        if token is self._token:
+            self._views, self._token = {}, None
+
+    def _standardize(self) -> None:
+        members: Dict[Tuple, list] = {}
+        for conv in self.convs:
+            w = conv.weight
+            if w.requires_grad and triton_kernels.use_triton(w):
+                members.setdefault((w.device, w.dtype), []).append(conv)
+        self._views, self._token = {}, object()
+        for convs in members.values():
+            weights = [conv.weight for conv in convs]
+            row_start, row_len = self._row_table(weights)
+            flat = torch.cat([w.reshape(-1) for w in weights])
+            w_hat = _StandardizeRows.apply(flat, row_start, row_len, self.eps, weakref.ref(self), self._token)
+            w_hat = w_hat.to(weights[0].dtype)
+            for conv, w, view in zip(convs, weights, w_hat.split([w.numel() for w in weights])):
+                self._views[conv] = (view.view_as(w), w, w._version)
+
+    def _row_table(self, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Start and length of every output channel's row in the flat buffer (cached per layout)."""
+        key = tuple((w.shape, w.device) for w in weights)
+        if key not in self._rows:
+            starts, lengths, offset = [], [], 0
+            for w in weights:
+                fan_in = w[0].numel()
+                starts.append(offset + torch.arange(w.shape[0], dtype=torch.int64) * fan_in)
+                lengths.append(torch.full((w.shape[0],), fan_in, dtype=torch.int32))
+                offset += w.numel()
+            device = weights[0].device
+            self._rows[key] = (torch.cat(starts).to(device), torch.cat(lengths).to(device))
+        return self._rows[key]
+
+
+def export_error(layer: str) -> RuntimeError:
+    """The error for scripting or tracing a layer that only exports once folded."""
+    return RuntimeError(
+        f"{layer} cannot be scripted or traced; export goes through wsbcn_d2.fold_for_inference(model), "
+        "which returns plain Conv2d / GroupNorm layers (then torch.jit.trace or detectron2.export)"
+    )
 
 
 class WSConv2d(Conv2d):
@@ -71,11 +184,13 @@ class WSConv2d(Conv2d):
     The raw ``weight`` stays the learnable parameter (WS is a reparameterization),
     ``bias``, ``norm`` and ``activation`` behave as in the parent class. When no
     gradient has to flow into the weight (``torch.no_grad``, eval, or a frozen
-    layer) the standardized weight is cached and reused until the raw weight
-    changes: an optimizer step, an in-place edit, ``load_state_dict`` or a
-    device/dtype move all invalidate it, through the weight's version counter
-    and storage. Writes through ``weight.data`` bypass the version counter;
-    calling ``train()``/``eval()`` after such a write clears the cache.
+    layer) the standardized weight is cached and reused, across ``train()`` /
+    ``eval()`` calls, until the raw weight changes: an optimizer step, an
+    in-place edit, ``load_state_dict`` or a device/dtype move, detected through
+    the weight's version counter and storage (a write through ``weight.data``
+    bypasses both: edit weights under ``torch.no_grad()`` instead). In training
+    on CUDA, convs of one :class:`WSConvGroup` are standardized together.
+    Export goes through :func:`wsbcn_d2.fold_for_inference`.
     """
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs):
@@ -89,9 +204,10 @@ class WSConv2d(Conv2d):
         self._init_standardization(eps)
 
     def _init_standardization(self, eps: float) -> None:
-        if eps <= 0:
-            raise ValueError(f"WSConv2d eps must be > 0, got {eps}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"WSConv2d eps must be a finite number > 0, got {eps}")
         self.eps = eps
+        self.ws_group: Optional[WSConvGroup] = None
         self._cached_weight: Optional[torch.Tensor] = None
         self._cache_key: Optional[Tuple] = None  # (raw weight, its version, storage, dtype, eps)
 
@@ -111,10 +227,11 @@ class WSConv2d(Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         """The weight the convolution uses: ``standardize_weight(self.weight, self.eps)``."""
-        if self.weight.requires_grad and torch.is_grad_enabled():
-            self._cached_weight = None
-            return standardize_weight(self.weight, self.eps)
         w = self.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            if self.ws_group is not None and triton_kernels.use_triton(w):
+                return self.ws_group.standardized_weight(self)
+            return standardize_weight(w, self.eps)
         key = (w._version, w.data_ptr(), w.dtype, self.eps)
         if self._cache_key is None or self._cache_key[0] is not w or self._cache_key[1:] != key:
             # built outside inference mode, so the cache can serve later grad-mode calls too
@@ -123,17 +240,18 @@ class WSConv2d(Conv2d):
             self._cache_key = (w, *key)
         return self._cached_weight
 
-    def train(self, mode: bool = True) -> "WSConv2d":
-        self._cached_weight, self._cache_key = None, None
-        return super().train(mode)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise export_error(type(self).__name__)
         x = self._conv_forward(x, self.standardized_weight(), self.bias)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def __prepare_scriptable__(self):
+        raise export_error(type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"

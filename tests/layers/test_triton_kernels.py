@@ -1,0 +1,255 @@
+"""The Triton kernels of WS and BCN against the torch path (float64) they replace on CUDA.
+
+On a machine without CUDA the kernels run on CPU tensors through Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 there) and the dispatch
+is forced onto them; on a GPU they run compiled, through the normal dispatch.
+"""
+import copy
+import os
+
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, WSConvGroup, triton_kernels
+from wsbcn_d2.layers.bcn import group_norm_output_dtype
+
+pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Route CPU tensors through the (interpreted) kernels; on CUDA they are the normal path."""
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "set by tests/conftest.py before triton is imported"
+        monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES)
+    assert triton_kernels.use_triton(torch.zeros(1, device=DEVICE))
+
+
+def torch_path(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "use_triton", lambda x: False)
+
+
+# ---------------------------------------------------------------------------------------------- WS
+def reference_standardize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Official formula in float64: unbiased std over each filter, eps outside the root."""
+    w = weight.double().flatten(1)
+    mean = w.mean(dim=1, keepdim=True)
+    std = w.std(dim=1, keepdim=True)
+    return ((w - mean) / (std + eps)).view_as(weight)
+
+
+WS_SHAPES = [(16, 8, 3, 3), (12, 4, 1, 1), (5, 3, 7, 7), (8, 2, 3, 3), (3, 700, 1, 1)]  # last: rows > BLOCK
+
+
+def ws_convs(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    convs = [WSConv2d(i, o, k, bias=False).to(DEVICE, dtype) for o, i, k, _ in WS_SHAPES]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.mul_(torch.rand_like(conv.weight) * 3).add_(torch.randn(conv.weight.shape[0], 1, 1, 1))
+    return convs
+
+
+def test_ws_group_matches_float64_formula(kernels):
+    convs = ws_convs()
+    WSConvGroup(convs)
+    weights = [conv.standardized_weight() for conv in convs]
+    grads = [torch.randn_like(w) for w in weights]
+    sum((w * g).sum() for w, g in zip(weights, grads)).backward()
+    for conv, w, g in zip(convs, weights, grads):
+        w64 = conv.weight.detach().double().requires_grad_()
+        ref = reference_standardize(w64)
+        (ref * g.double()).sum().backward()
+        torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ws_group_runs_one_kernel_per_pass(kernels, monkeypatch):
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(triton_kernels, f"ws_rows_{name}")
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(triton_kernels, f"ws_rows_{name}", counted)
+    convs = ws_convs()
+    WSConvGroup(convs)
+    for _ in range(2):
+        sum(conv.standardized_weight().sum() for conv in convs).backward()
+    assert calls == {"forward": 2, "backward": 2}
+
+
+def tiny_model(seed: int = 0) -> nn.Sequential:
+    """Three WS convs carrying norms, standardized as one group."""
+    torch.manual_seed(seed)
+    layers = [WSConv2d(c_in, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(2, 8)) for c_in in (3, 8, 8)]
+    WSConvGroup(layers)
+    return nn.Sequential(*layers).to(DEVICE)
+
+
+def training_run(model: nn.Module, schedule: str, steps: int = 2):
+    """Run ``schedule`` (f = forward, b = backward of everything so far, s = SGD step, e = eval forward)."""
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 3, 9, 7, device=DEVICE) for _ in range(schedule.count("f") + schedule.count("e"))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, outputs = [], []
+    for op in schedule:
+        if op == "f":
+            losses.append(model.train()(xs.pop()).square().mean())
+        elif op == "e":
+            with torch.no_grad():
+                outputs.append(model.eval()(xs.pop()))
+        elif op == "b":
+            sum(losses).backward()
+            losses = []
+        elif op == "s":
+            opt.step()
+            opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], outputs
+
+
+# two forwards before one backward; backward after each forward (accumulation); eval between steps
+@pytest.mark.parametrize("schedule", ["fbs", "ffbs", "fbfbs", "fbsefbse", "fbsfbsfbs"])
+def test_ws_group_training_equals_per_conv_path(kernels, monkeypatch, schedule):
+    params, outputs = training_run(tiny_model(), schedule)
+    torch_path(monkeypatch)
+    ref_params, ref_outputs = training_run(tiny_model(), schedule)
+    for p, r in zip(params + outputs, ref_params + ref_outputs):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_ws_group_skips_frozen_convs(kernels):
+    model = tiny_model()
+    model[0].weight.requires_grad_(False)
+    before = [conv.weight.detach().clone() for conv in model]
+    training_run(model, "fbs")
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, before[0])
+    assert not torch.equal(model[1].weight, before[1]) and not torch.equal(model[2].weight, before[2])
+    # the frozen conv uses its own cache, equal to the formula
+    torch.testing.assert_close(model[0].standardized_weight().double(), reference_standardize(before[0]))
+
+
+def test_ws_group_survives_deepcopy_and_device_free_state(kernels):
+    model = tiny_model()
+    model(torch.randn(1, 3, 5, 5, device=DEVICE)).sum()  # live result attached to an autograd graph
+    copied = copy.deepcopy(model)
+    assert copied[0].ws_group is copied[1].ws_group is not model[0].ws_group
+    x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    torch.testing.assert_close(copied(x), model(x))
+
+
+def test_ws_group_under_ddp(kernels, tmp_path):
+    if DEVICE == "cuda":
+        pytest.skip("single-process gloo DDP of a CPU model; the GPU check covers CUDA")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        x = torch.randn(2, 3, 6, 6)
+        ddp(x).square().mean().backward()
+        ref = tiny_model()
+        ref(x).square().mean().backward()
+        for p, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- BCN
+def randomized_bcn(channels: int, groups: int, estimate: bool = True, rate: float = 0.3) -> BatchChannelNorm2d:
+    torch.manual_seed(0)
+    module = BatchChannelNorm2d(channels, num_groups=groups, estimate=estimate, update_rate=rate)
+    with torch.no_grad():
+        for t in (module.weight, module.bias, module.batch_norm.weight, module.batch_norm.bias):
+            t.uniform_(-1.5, 1.5)
+        module.batch_norm.running_mean.uniform_(-1, 1)
+        module.batch_norm.running_var.uniform_(0.5, 2)
+    return module.to(DEVICE)
+
+
+def bcn_state(module: BatchChannelNorm2d) -> dict:
+    bn = module.batch_norm
+    return {"running_mean": bn.running_mean, "running_var": bn.running_var}
+
+
+def run_bcn(module: BatchChannelNorm2d, x: torch.Tensor, grad: torch.Tensor):
+    """Output, input gradient and the four parameter gradients of one forward/backward."""
+    x = x.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.backward(grad.to(out.dtype))
+    params = [module.batch_norm.weight, module.batch_norm.bias, module.weight, module.bias]
+    return [out, x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+# (N, C, H, W, G): micro batches, odd spatial sizes, 1x1 maps, 3 and 32 channels per group,
+# and many samples (RoI heads), which the group kernels walk in chunks
+BCN_SHAPES = [(1, 8, 5, 7, 4), (2, 12, 1, 1, 4), (2, 64, 9, 9, 2), (300, 16, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("shape", BCN_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["estimate", "estimate_eval", "frozen", "large_batch_eval"])
+def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode):
+    n, c, h, w, groups = shape
+    module = randomized_bcn(c, groups, estimate=mode != "large_batch_eval")
+    if mode == "frozen":
+        FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+    reference = copy.deepcopy(module).double()
+    module.train(mode in ("estimate", "frozen"))
+    reference.train(module.training)
+    for step in range(3):  # the estimates evolve over steps in "estimate"
+        g = torch.Generator().manual_seed(step)
+        x = (torch.randn(n, c, h, w, generator=g) * 3 + step).to(DEVICE)
+        grad = torch.randn(n, c, h, w, generator=g).to(DEVICE)
+        got = run_bcn(module, x, grad)
+        with monkeypatch.context() as m:
+            torch_path(m)
+            expected = run_bcn(reference, x.double(), grad.double())
+        names = ["output", "dx", "d_bn_weight", "d_bn_bias", "d_weight", "d_bias"]
+        for name, a, b in zip(names, got, expected):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
+        for key, value in bcn_state(module).items():
+            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bcn_kernels_half_inputs(kernels, dtype):
+    module = randomized_bcn(16, 4)
+    reference = copy.deepcopy(module).double()
+    x = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
+    grad = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
+    got = run_bcn(module, x, grad)
+    expected = run_bcn(reference, x.double(), grad.double())
+    assert got[0].dtype == dtype and got[1].dtype == dtype  # output and dx follow the input, as group norm's
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+    for key, value in bcn_state(module).items():  # statistics in float32: estimates as from the rounded input
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bcn_kernels_empty_batch_keeps_estimates(kernels):
+    module = randomized_bcn(8, 4)
+    before = {k: v.clone() for k, v in bcn_state(module).items()}
+    out = module(torch.zeros(0, 8, 4, 4, device=DEVICE))
+    assert out.shape == (0, 8, 4, 4)
+    for key, value in bcn_state(module).items():
+        assert torch.equal(value, before[key])
+
+
+def test_bcn_output_dtype_follows_group_norm_under_autocast(kernels):
+    module = randomized_bcn(8, 4)
+    device_type = torch.device(DEVICE).type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        x = nn.functional.conv2d(torch.randn(1, 8, 6, 6, device=DEVICE), torch.randn(8, 8, 3, 3, device=DEVICE))
+        out = module(x)
+        gn = nn.functional.group_norm(x, 4)
+    assert out.dtype == gn.dtype == group_norm_output_dtype(x)
+    assert torch.isfinite(out).all()

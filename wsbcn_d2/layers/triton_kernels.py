@@ -1,0 +1,388 @@
+"""Triton kernels for WS and BCN on CUDA tensors.
+
+On a GPU a detection step is bound by kernel launches: standardizing 69 conv
+weights one by one, or normalizing with dozens of tiny (N, C) torch ops per BCN
+layer, costs more than the convolutions' extra arithmetic. These kernels do the
+same computations as the torch code of :mod:`.ws_conv` and :mod:`.bcn`, which
+stays the path for CPU tensors and the reference the kernels are tested
+against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
+
+- WS: every weight of a group of convs, flattened into one buffer, standardized
+  row by row (one row = one output channel) by one kernel forward and one
+  backward, whatever the number of convs.
+- BCN with fixed batch-step statistics (micro-batch BCN, a frozen step, or
+  large-batch BCN in eval): three kernels forward (per-(sample, channel)
+  moments; the estimate update and all per-(N, C) algebra; ``y = x * S + T``)
+  and three backward (two per-(sample, channel) sums; the coefficients and the
+  parameter gradients; ``dx = A * dy + B * x + D``): the passes of a group norm.
+
+Statistics are computed in float32 whatever the input dtype. Set
+``WSBCN_TRITON=0`` to use the torch code on CUDA too (for comparisons).
+"""
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds ship without triton
+    triton = None
+
+__all__ = ["use_triton", "ws_rows_forward", "ws_rows_backward", "bcn_forward", "bcn_backward"]
+
+_ENABLED = triton is not None and os.environ.get("WSBCN_TRITON", "1") != "0"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` goes through these kernels: CUDA tensors in float32/16, bfloat16."""
+    return _ENABLED and x.is_cuda and x.dtype in _KERNEL_DTYPES
+
+
+if triton is not None:
+
+    # ---------------------------------------------------------------- WS
+    @triton.jit
+    def _ws_forward_kernel(w_ptr, out_ptr, std_ptr, row_start_ptr, row_len_ptr, eps, BLOCK: tl.constexpr):
+        # one program per row (output channel): W_hat = (W - mean) / (std + eps), unbiased std
+        row = tl.program_id(0)
+        start = tl.load(row_start_ptr + row)
+        n = tl.load(row_len_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(w_ptr + start + i + offs, mask=i + offs < n, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n, BLOCK):
+            m = i + offs < n
+            d = tl.where(m, tl.load(w_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += d * d
+        std = tl.maximum(tl.sqrt(tl.sum(acc, axis=0) / (n - 1)), 1.1754943508222875e-38)
+        inv_s = 1.0 / (std + eps)
+        for i in range(0, n, BLOCK):
+            m = i + offs < n
+            w = tl.load(w_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + start + i + offs, (w - mean) * inv_s, mask=m)
+        tl.store(std_ptr + row, std)
+
+    @triton.jit
+    def _ws_backward_kernel(
+        g_ptr, w_hat_ptr, std_ptr, grad_ptr, row_start_ptr, row_len_ptr, eps, BLOCK: tl.constexpr
+    ):
+        # dW = (g - mean(g)) / s - W_hat * sum(g * W_hat) / ((n - 1) * std), s = std + eps
+        row = tl.program_id(0)
+        start = tl.load(row_start_ptr + row)
+        n = tl.load(row_len_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_gw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n, BLOCK):
+            m = i + offs < n
+            g = tl.load(g_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
+            sum_g += g
+            sum_gw += g * tl.load(w_hat_ptr + start + i + offs, mask=m, other=0.0)
+        std = tl.load(std_ptr + row)
+        g_mean = tl.sum(sum_g, axis=0) / n
+        inv_s = 1.0 / (std + eps)
+        c = tl.sum(sum_gw, axis=0) / ((n - 1) * std)
+        for i in range(0, n, BLOCK):
+            m = i + offs < n
+            g = tl.load(g_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
+            w_hat = tl.load(w_hat_ptr + start + i + offs, mask=m, other=0.0)
+            tl.store(grad_ptr + start + i + offs, (g - g_mean) * inv_s - w_hat * c, mask=m)
+
+    # ---------------------------------------------------------------- BCN
+    # Per-(sample, channel) kernels work on tiles of ROWS rows x BLOCK positions, so that both
+    # a 200x272 backbone map and the 7x7 maps of 1000 RoIs fill the GPU.
+    @triton.jit
+    def _bcn_moments_kernel(x_ptr, mean_ptr, var_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # mean and biased variance of each row over HW (per-lane Welford, then Chan's combination)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < NC
+        base = x_ptr + rows.to(tl.int64)[:, None] * HW
+        offs = tl.arange(0, BLOCK)[None, :]
+        count = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        mean = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        m2 = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for i in range(0, HW, BLOCK):
+            m = row_ok[:, None] & (i + offs < HW)
+            x = tl.load(base + i + offs, mask=m, other=0.0).to(tl.float32)
+            count += m.to(tl.float32)
+            delta = tl.where(m, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * (x - mean)
+        total = tl.maximum(tl.sum(count, axis=1), 1.0)
+        row_mean = tl.sum(mean * count, axis=1) / total
+        d = mean - row_mean[:, None]
+        row_var = tl.sum(m2 + count * d * d, axis=1) / total
+        tl.store(mean_ptr + rows, row_mean, mask=row_ok)
+        tl.store(var_ptr + rows, row_var, mask=row_ok)
+
+    @triton.jit
+    def _bcn_forward_finalize_kernel(
+        mean_ptr, var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
+        stat_ptr, coef_ptr, mu_ptr, rstd_ptr,
+        N, C, G, rate, bn_eps, gn_eps,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE: tl.constexpr,
+    ):  # fmt: skip
+        # one program per group: estimate update, batch step as (scale, shift), group statistics
+        # of x1 = x * scale + shift, and the (N, C) coefficients of y = x * S + T
+        g = tl.program_id(0)
+        cl = tl.arange(0, BLOCK_C)
+        c_ok = cl < CG
+        ch = g * CG + cl
+        rm = tl.load(rm_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+        if UPDATE:
+            # batch statistics around the previous estimate, as the official EstBN; then lerp by r
+            sum_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+            sum_dist = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)[:, None]
+                ok = (n < N) & c_ok[None, :]
+                mean = tl.load(mean_ptr + n * C + ch[None, :], mask=ok, other=0.0)
+                var = tl.load(var_ptr + n * C + ch[None, :], mask=ok, other=0.0)
+                d_old = tl.where(ok, mean - rm[None, :], 0.0)
+                sum_mean += tl.sum(mean, axis=0)
+                sum_dist += tl.sum(var + d_old * d_old, axis=0)
+            rm = rm + rate * (sum_mean / N - rm)
+            rv = rv + rate * (sum_dist / N - rv)
+            tl.store(rm_ptr + ch, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rv_ptr + ch, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+            rm = tl.load(rm_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)  # as stored (estimate dtype)
+            rv = tl.load(rv_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+        inv_std = 1.0 / tl.sqrt(rv + bn_eps)
+        scale = tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std
+        shift = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) - rm * scale
+        tl.store(stat_ptr + ch, rm, mask=c_ok)
+        tl.store(stat_ptr + C + ch, inv_std, mask=c_ok)
+        gamma = tl.load(gamma_ptr + g).to(tl.float32)
+        beta = tl.load(beta_ptr + g).to(tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nl = n0 + tl.arange(0, BLOCK_N)
+            n = nl[:, None]
+            ok = (n < N) & c_ok[None, :]
+            idx = n * C + ch[None, :]
+            mean = tl.load(mean_ptr + idx, mask=ok, other=0.0)
+            var = tl.load(var_ptr + idx, mask=ok, other=0.0)
+            x1_mean = mean * scale[None, :] + shift[None, :]
+            mu = tl.sum(tl.where(ok, x1_mean, 0.0), axis=1) / CG
+            d = tl.where(ok, x1_mean - mu[:, None], 0.0)
+            group_var = tl.sum(var * (scale * scale)[None, :] + d * d, axis=1) / CG
+            rstd = 1.0 / tl.sqrt(group_var + gn_eps)
+            s = scale[None, :] * (rstd * gamma)[:, None]
+            t = (shift[None, :] - mu[:, None]) * (rstd * gamma)[:, None] + beta
+            tl.store(coef_ptr + idx, s, mask=ok)
+            tl.store(coef_ptr + N * C + idx, t, mask=ok)
+            tl.store(mu_ptr + nl * G + g, mu, mask=nl < N)
+            tl.store(rstd_ptr + nl * G + g, rstd, mask=nl < N)
+
+    @triton.jit
+    def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, coef_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        # out = x * A + B (+ z * C) with per-row coefficients: y = x * S + T forward,
+        # dx = dy * A + D + x * B backward
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < NC
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        m = row_ok[:, None] & (offs < HW)
+        idx = rows.to(tl.int64)[:, None] * HW + offs
+        a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        b = tl.load(coef_ptr + NC + rows, mask=row_ok, other=0.0)[:, None]
+        out = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32) * a + b
+        if TWO_INPUTS:
+            c = tl.load(coef_ptr + 2 * NC + rows, mask=row_ok, other=0.0)[:, None]
+            out += tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32) * c
+        tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bcn_backward_sums_kernel(dy_ptr, x_ptr, sums_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # sum(dy) and sum(dy * x) of each row over HW
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < NC
+        base = rows.to(tl.int64)[:, None] * HW
+        offs = tl.arange(0, BLOCK)[None, :]
+        s_dy = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        s_dyx = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for i in range(0, HW, BLOCK):
+            m = row_ok[:, None] & (i + offs < HW)
+            dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+            s_dy += dy
+            s_dyx += dy * tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(sums_ptr + rows, tl.sum(s_dy, axis=1), mask=row_ok)
+        tl.store(sums_ptr + NC + rows, tl.sum(s_dyx, axis=1), mask=row_ok)
+
+    @triton.jit
+    def _bcn_backward_finalize_kernel(
+        sums_ptr, mean_ptr, var_ptr, stat_ptr, bnw_ptr, bnb_ptr, gamma_ptr, mu_ptr, rstd_ptr,
+        coef_ptr, d_bnw_ptr, d_bnb_ptr, d_gamma_ptr, d_beta_ptr,
+        N, C, G, HW,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # one program per group: the coefficients of dx = A * dy + B * x + D and the parameter gradients
+        g = tl.program_id(0)
+        cl = tl.arange(0, BLOCK_C)
+        c_ok = cl < CG
+        ch = g * CG + cl
+        rm = tl.load(stat_ptr + ch, mask=c_ok, other=0.0)
+        inv_std = tl.load(stat_ptr + C + ch, mask=c_ok, other=0.0)
+        a = (tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std)[None, :]
+        b = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)[None, :] - rm[None, :] * a
+        gamma = tl.load(gamma_ptr + g).to(tl.float32)
+        k = CG * HW
+        d_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+        d_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+        d_gamma = tl.zeros([BLOCK_N], dtype=tl.float32)
+        d_beta = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nl = n0 + tl.arange(0, BLOCK_N)
+            n = nl[:, None]
+            ok = (n < N) & c_ok[None, :]
+            idx = n * C + ch[None, :]
+            s_dy = tl.load(sums_ptr + idx, mask=ok, other=0.0)
+            s_dyx = tl.load(sums_ptr + N * C + idx, mask=ok, other=0.0)
+            mean = tl.load(mean_ptr + idx, mask=ok, other=0.0)
+            var = tl.load(var_ptr + idx, mask=ok, other=0.0)
+            mu = tl.load(mu_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
+            s_dy_xc = s_dyx - mean * s_dy  # sum of dy * (x - mean)
+            x1c = tl.where(ok, mean * a + b - mu, 0.0)  # per-(n, c) mean of x1, centred on its group's
+            s_dy_xhat = rstd * (a * s_dy_xc + x1c * s_dy)
+            m1 = gamma * tl.sum(s_dy, axis=1)[:, None] / k
+            m2 = gamma * tl.sum(s_dy_xhat, axis=1)[:, None] / k
+            tl.store(coef_ptr + idx, a * rstd * gamma, mask=ok)
+            tl.store(coef_ptr + N * C + idx, -a * rstd * (m1 + rstd * m2 * (b - mu)), mask=ok)
+            tl.store(coef_ptr + 2 * N * C + idx, -a * a * rstd * rstd * m2, mask=ok)
+            s_dx1 = tl.where(ok, rstd * (gamma * s_dy - HW * m1 - HW * rstd * m2 * x1c), 0.0)
+            s_dx1_xc = tl.where(ok, rstd * (gamma * s_dy_xc - HW * rstd * m2 * a * var), 0.0)
+            d_scale += tl.sum(s_dx1_xc + mean * s_dx1, axis=0)
+            d_shift += tl.sum(s_dx1, axis=0)
+            d_gamma += tl.sum(s_dy_xhat, axis=1)
+            d_beta += tl.sum(s_dy, axis=1)
+        # scale = w * inv_std, shift = b - rm * scale (the estimates are constants)
+        tl.store(d_bnw_ptr + ch, inv_std * (d_scale - rm * d_shift), mask=c_ok)
+        tl.store(d_bnb_ptr + ch, d_shift, mask=c_ok)
+        tl.store(d_gamma_ptr + g, tl.sum(d_gamma, axis=0))
+        tl.store(d_beta_ptr + g, tl.sum(d_beta, axis=0))
+
+
+# ---------------------------------------------------------------- launchers
+def ws_rows_forward(
+    flat: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Standardize the rows of a flat buffer: ``(w_hat float32, std per row)``.
+
+    Row ``r`` is ``flat[row_start[r] : row_start[r] + row_len[r]]`` (int64 / int32).
+    """
+    w_hat = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    std = torch.empty(row_start.shape, dtype=torch.float32, device=flat.device)
+    if row_start.numel():
+        _ws_forward_kernel[(row_start.numel(),)](flat, w_hat, std, row_start, row_len, eps, BLOCK=512)
+    return w_hat, std
+
+
+def ws_rows_backward(
+    grad: torch.Tensor, w_hat: torch.Tensor, std: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:  # fmt: skip
+    """Gradient of :func:`ws_rows_forward` with respect to ``flat``, in float32."""
+    out = torch.empty_like(w_hat)
+    if row_start.numel():
+        _ws_backward_kernel[(row_start.numel(),)](
+            grad.contiguous(), w_hat, std, out, row_start, row_len, eps, BLOCK=512
+        )
+    return out
+
+
+def _group_launch(channels_per_group: int) -> dict:
+    block_c = triton.next_power_of_2(channels_per_group)
+    return dict(CG=channels_per_group, BLOCK_N=max(1, 256 // block_c), BLOCK_C=block_c, num_warps=2)
+
+
+def _rows_launch(hw: int) -> dict:
+    """Tiles of ROWS x BLOCK elements (1024 at most) over (N * C, HW)."""
+    block = min(1024, triton.next_power_of_2(hw))
+    return dict(ROWS=1024 // block, BLOCK=block, num_warps=4)
+
+
+def _rows_grid(num_rows: int, hw: int, launch: dict, split_hw: bool) -> Tuple[int, ...]:
+    rows = triton.cdiv(num_rows, launch["ROWS"])
+    return (rows, triton.cdiv(hw, launch["BLOCK"])) if split_hw else (rows,)
+
+
+def bcn_forward(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    bn_eps: float,
+    gn_eps: float,
+    update_rate: float,
+    update: Optional[Callable[[torch.Tensor, torch.Tensor], None]],
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """BCN with a fixed-statistics batch step, forward; returns ``(y, saved)`` for :func:`bcn_backward`.
+
+    ``update_rate > 0`` updates ``running_mean`` / ``running_var`` in place from
+    this batch first (single process). ``update``, if given, is called instead
+    with the (N, C) float32 moments, e.g. to all-reduce them across processes.
+    """
+    n, c = x.shape[:2]
+    groups = gamma.numel()
+    hw = x[0, 0].numel()
+    x = x.contiguous()
+    mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    var = torch.empty_like(mean)
+    launch = _rows_launch(hw)
+    _bcn_moments_kernel[_rows_grid(n * c, hw, launch, False)](x, mean, var, n * c, hw, **launch)
+    if update is not None:
+        update(mean, var)
+    stat = torch.empty((2, c), dtype=torch.float32, device=x.device)  # estimates used: mean, 1/sqrt(var + eps)
+    coef = torch.empty((2, n, c), dtype=torch.float32, device=x.device)
+    mu = torch.empty((n, groups), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mu)
+    _bcn_forward_finalize_kernel[(groups,)](
+        mean, var, running_mean, running_var, bn_weight, bn_bias, gamma, beta, stat, coef, mu, rstd,
+        n, c, groups, float(update_rate), bn_eps, gn_eps,
+        UPDATE=update is None and update_rate > 0, **_group_launch(c // groups),
+    )  # fmt: skip
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](x, x, y, coef, n * c, hw, TWO_INPUTS=False, **launch)
+    return y, (x, mean, var, stat, mu, rstd)
+
+
+def bcn_backward(
+    dy: torch.Tensor,
+    saved: Tuple[torch.Tensor, ...],
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    gamma: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`bcn_forward`: ``dx`` (x's dtype), then float32 ``d_bn_weight``,
+    ``d_bn_bias``, ``d_gamma``, ``d_beta``."""
+    x, mean, var, stat, mu, rstd = saved
+    n, c = x.shape[:2]
+    groups = gamma.numel()
+    hw = x[0, 0].numel()
+    dy = dy.contiguous()
+    launch = _rows_launch(hw)
+    sums = torch.empty((2, n, c), dtype=torch.float32, device=x.device)
+    _bcn_backward_sums_kernel[_rows_grid(n * c, hw, launch, False)](dy, x, sums, n * c, hw, **launch)
+    coef = torch.empty((3, n, c), dtype=torch.float32, device=x.device)
+    d_bnw = torch.empty(c, dtype=torch.float32, device=x.device)
+    d_bnb = torch.empty_like(d_bnw)
+    d_gamma = torch.empty(groups, dtype=torch.float32, device=x.device)
+    d_beta = torch.empty_like(d_gamma)
+    _bcn_backward_finalize_kernel[(groups,)](
+        sums, mean, var, stat, bn_weight, bn_bias, gamma, mu, rstd, coef, d_bnw, d_bnb, d_gamma, d_beta,
+        n, c, groups, hw, **_group_launch(c // groups),
+    )  # fmt: skip
+    dx = torch.empty_like(x)
+    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](dy, x, dx, coef, n * c, hw, TWO_INPUTS=True, **launch)
+    return dx, d_bnw, d_bnb, d_gamma, d_beta
