@@ -15,6 +15,8 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, verify_result
 from detectron2.utils.logger import setup_logger
 
 from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.config import validate_wsbcn_config
+from wsbcn_d2.modeling import check_ws_coverage
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
 
@@ -48,13 +50,20 @@ def argument_parser():
     return parser
 
 
-def setup(args) -> CfgNode:
-    for name, json_file, image_root in args.register_coco:
-        register_coco_dataset(name, json_file, image_root)
+def load_config(args) -> CfgNode:
+    """The config of ``args``, validated (a bad value raises a one-line ValueError naming its key)."""
     cfg = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    validate_wsbcn_config(cfg)
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = load_config(args)
     # detectron2's default "polygon" fails on RLE masks; "bitmask" reads both
     to_bitmask = (
         cfg.MODEL.MASK_ON
@@ -76,12 +85,14 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
+        check_ws_coverage(model, cfg)
         WSBCNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
+    check_ws_coverage(trainer.model, cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -90,9 +101,10 @@ if __name__ == "__main__":
     parser = argument_parser()
     args = parser.parse_args()
     print("Command Line Args:", args)
-    try:  # fail early and plainly on bad dataset paths; workers register again in setup()
+    try:  # fail early and plainly on bad dataset paths and config values; workers check again in setup()
         for name, json_file, image_root in args.register_coco:
             register_coco_dataset(name, json_file, image_root)
+        load_config(args)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     launch(

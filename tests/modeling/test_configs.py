@@ -10,10 +10,10 @@ from detectron2.modeling import build_model
 from helpers import CONFIG_DIR, load_config
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
-CONFIGS = sorted(
+CONFIGS = sorted(  # the R-CNN FPN family; the other meta-architectures: test_meta_archs.py
     os.path.relpath(p, CONFIG_DIR)
     for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
-    if not os.path.basename(p).startswith("Base-")
+    if re.match(r"(mask|faster)_rcnn_R_\d+_FPN", os.path.basename(p))
 )
 BLOCKS = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
