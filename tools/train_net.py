@@ -6,12 +6,11 @@ JSON_FILE IMAGE_ROOT`` (repeatable) to use any COCO-format dataset by name.
 Datasets with RLE masks switch INPUT.MASK_FORMAT to "bitmask" automatically.
 """
 import logging
-import os
 
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, verify_results
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from wsbcn_d2 import add_wsbcn_config
@@ -19,22 +18,9 @@ from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.modeling import check_ws_coverage
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
+from wsbcn_d2.engine import Trainer
 
 logger = logging.getLogger("wsbcn_d2")
-
-
-class Trainer(DefaultTrainer):
-    def build_hooks(self):
-        # DefaultTrainer creates a plain DetectionCheckpointer right before this; swap in one that
-        # refuses unconverted official checkpoints instead of training from a random backbone.
-        plain = self.checkpointer
-        self.checkpointer = WSBCNCheckpointer(plain.model, plain.save_dir, **plain.checkpointables)
-        return super().build_hooks()
-
-    @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None) -> DatasetEvaluator:
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
 def argument_parser():
@@ -97,7 +83,7 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def invoke_main() -> None:
     parser = argument_parser()
     args = parser.parse_args()
     print("Command Line Args:", args)
@@ -115,3 +101,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    invoke_main()

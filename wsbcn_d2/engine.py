@@ -1,0 +1,222 @@
+"""Training: detectron2's DefaultTrainer, multi-process on CPU too, and resumable exactly.
+
+A run stopped after a checkpoint and resumed with ``resume_or_load(resume=True)``
+continues as the uninterrupted run would (with ``SEED >= 0``): the checkpoint holds
+the weights, BCN estimates, optimizer, LR scheduler and iteration; everything else a
+step draws is a function of the seed and the iteration, so nothing more is saved:
+
+* :class:`ResumableBatchSampler`: the data stream starts at the resumed iteration;
+* :class:`SeededMapDataset`: each image's augmentation is seeded by its place in the stream;
+* :class:`IterationSeed`: the model's own sampling (RPN, ROI heads) is seeded per iteration.
+"""
+import itertools
+import logging
+import os
+import random
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+from detectron2.config import CfgNode
+from detectron2.data import DatasetFromList, build_detection_train_loader
+from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+from .checkpoint import WSBCNCheckpointer
+
+__all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "derive_seed"]
+
+logger = logging.getLogger(__name__)
+
+# first key of derived seeds, so that data and iteration seeds never share a key
+_DATA_KEY, _ITERATION_KEY = 0, 1
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed mixed from non-negative integer keys (NumPy's SeedSequence): nearby keys
+    give unrelated streams."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+@contextmanager
+def _seeded_generators(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded with ``seed``; their states are restored on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.default_generator.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ResumableBatchSampler:
+    """This process's training batches, as a function of the seed and the iteration alone.
+
+    As in detectron2's default training loader, all processes share one shuffled, endlessly
+    repeated stream of the dataset (:class:`TrainingSampler`'s stream for the same seed);
+    process ``r`` of ``W`` takes its elements ``r, r + W, r + 2W, ...`` and batches images of
+    one aspect-ratio group (:class:`AspectRatioGroupedDataset`'s rule). The grouping is done
+    on indices, before loading, so batch ``k`` does not depend on what was loaded before: with
+    ``start_iter = k`` the sampler replays the first ``k`` batches' indices (about a second per
+    million images, no image is read) and yields batch ``k`` onwards.
+
+    Elements are ``(seed, index)`` pairs: a dataset index and a seed derived from the element's
+    position in the shared stream, for :class:`SeededMapDataset`.
+    """
+
+    def __init__(self, group_ids: Sequence[int], batch_size: int, seed: Optional[int] = None):
+        """
+        Args:
+            group_ids: each dataset element's group; a batch holds elements of one group.
+            batch_size: this process's images per batch.
+            seed: the stream's seed, the same in all processes; None draws one shared by all processes.
+        """
+        self._group_ids = list(group_ids)
+        self._batch_size = batch_size
+        self.seed = int(comm.shared_random_seed() if seed is None else seed)
+        self.start_iter = 0
+        self._rank, self._world_size = comm.get_rank(), comm.get_world_size()
+
+    def _batches(self) -> Iterator[List[Tuple[int, int]]]:
+        """Batches of (position in the shared stream, dataset index), from iteration 0 on."""
+        generator = torch.Generator().manual_seed(self.seed)
+        size = len(self._group_ids)
+        stream = itertools.chain.from_iterable(
+            torch.randperm(size, generator=generator).tolist() for _ in itertools.count()
+        )
+        buckets = {}
+        for position, index in itertools.islice(enumerate(stream), self._rank, None, self._world_size):
+            group = self._group_ids[index]
+            buckets.setdefault(group, []).append((position, index))
+            if len(buckets[group]) == self._batch_size:
+                yield buckets.pop(group)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        for batch in itertools.islice(self._batches(), self.start_iter, None):
+            yield [(derive_seed(self.seed, _DATA_KEY, position), index) for position, index in batch]
+
+
+class SeededMapDataset(torchdata.Dataset):
+    """``mapper(dataset[index])`` for a key ``(seed, index)``, with Python's, NumPy's and torch's
+    CPU generators seeded by ``seed`` during the call and restored after it.
+
+    detectron2's augmentations draw from NumPy's global generator; seeded per element, an
+    image's augmentation depends on its key alone, not on the process or DataLoader worker
+    that maps it nor on what it mapped before. Restoring the generators leaves the caller's
+    randomness alone when mapping in the training process (``DATALOADER.NUM_WORKERS 0``).
+    """
+
+    def __init__(self, dataset: List[dict], mapper: Callable[[dict], dict]):
+        self._dataset = DatasetFromList(dataset, copy=False)  # serialized: no copy-on-read growth in workers
+        self._mapper = mapper
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> dict:
+        seed, index = key
+        with _seeded_generators(seed):
+            return self._mapper(self._dataset[index])
+
+
+class IterationSeed(HookBase):
+    """Seeds Python, NumPy and torch (all devices) before every iteration from (seed, rank, iteration).
+
+    A step's own random draws (the RPN's and ROI heads' sampling, anything a hook or an
+    evaluation drew before it) then depend only on the iteration, so a resumed run draws
+    what the uninterrupted run drew.
+    """
+
+    def __init__(self, seed: int):
+        self._seed = seed
+
+    def before_step(self) -> None:
+        seed_all_rng(derive_seed(self._seed, _ITERATION_KEY, comm.get_rank(), self.trainer.iter))
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer with:
+
+    * DDP for CPU models too (``MODEL.DEVICE cpu``, GLOO): ``device_ids`` are passed only for CUDA models;
+    * :class:`WSBCNCheckpointer`, which refuses unconverted official ``.pth`` backbones;
+    * a training loader that resumes where it stopped (:class:`ResumableBatchSampler`,
+      :class:`SeededMapDataset`) and, with ``SEED >= 0``, :class:`IterationSeed`;
+    * COCO evaluation.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__, but for the DDP wrapper's device_ids and the checkpointer
+        TrainerBase.__init__(self)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = WSBCNCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> List[Optional[HookBase]]:
+        hooks = super().build_hooks()
+        if self.cfg.SEED >= 0:
+            hooks.insert(0, IterationSeed(self.cfg.SEED))
+        return hooks
+
+    def train(self):
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        if isinstance(sampler, ResumableBatchSampler):
+            sampler.start_iter = self.start_iter
+            if self.start_iter > 0:
+                logger.info(f"Training data resumes at iteration {self.start_iter} of the stream seeded {sampler.seed}.")
+        return super().train()
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Iterator[List[dict]]:
+        """detectron2's training loader as a :class:`ResumableBatchSampler` over a :class:`SeededMapDataset`.
+
+        With ``DATALOADER.SAMPLER_TRAIN`` other than ``TrainingSampler`` it is detectron2's
+        own loader, whose stream restarts on resume.
+        """
+        args = build_detection_train_loader.from_config(cfg)
+        if type(args["sampler"]) is not TrainingSampler:
+            logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run restarts its stream.")
+            return build_detection_train_loader(**args)
+        world_size = comm.get_world_size()
+        if args["total_batch_size"] % world_size != 0:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {args['total_batch_size']} must divide among {world_size} processes")
+        dicts = args["dataset"]
+        grouping = args["aspect_ratio_grouping"]
+        sampler = ResumableBatchSampler(
+            [int(d["width"] > d["height"]) if grouping else 0 for d in dicts],
+            args["total_batch_size"] // world_size,
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+        )
+        return torchdata.DataLoader(
+            SeededMapDataset(dicts, args["mapper"]),
+            batch_sampler=sampler,
+            num_workers=args["num_workers"],
+            collate_fn=trivial_batch_collator,
+            worker_init_fn=worker_init_reset_seed,
+            generator=torch.Generator().manual_seed(sampler.seed),  # not the global one, which IterationSeed sets
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
