@@ -11,61 +11,118 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
+from PIL import Image
+
+from .shapes import SHAPES_SPLITS
 
 __all__ = ["register_coco_dataset", "infer_mask_format", "validate_dataset_dicts"]
 
 # Boxes may stick out of the image by this many pixels (rounding in annotation tools).
 _BBOX_TOLERANCE = 1.0
+# What detectron2's load_coco_json reads from each image and category.
+_IMAGE_KEYS = {"id", "file_name", "height", "width"}
+_CATEGORY_KEYS = {"id", "name"}
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
-    """Register a COCO instance-segmentation dataset under ``name``.
+    """Register a COCO instance-segmentation dataset under ``name``, checking it at once.
 
-    Equivalent to detectron2's ``register_coco_instances``, except that the loader
-    first checks every annotation (see :func:`validate_dataset_dicts`) and keeps the
-    annotation ids, so that a corrupt file fails with an error naming the culprit.
+    Equivalent to detectron2's ``register_coco_instances``, except that it first checks
+    the annotation file (COCO JSON with non-empty ``images`` and ``categories``, every
+    image with id, file_name, height and width), every annotation (see
+    :func:`validate_dataset_dicts`) and every image file (it exists and PIL reads its
+    header; pixels are not decoded), and that the loader keeps the annotation ids:
+    a broken dataset fails here, naming the file, image or annotation, not mid-training.
     Registering the same name again with the same files is a no-op.
 
     Raises:
-        FileNotFoundError: ``json_file`` or ``image_root`` does not exist.
-        ValueError: ``json_file`` is not a file, ``image_root`` not a directory, or
-            ``name`` is already registered with different files.
+        FileNotFoundError: ``json_file``, ``image_root`` or an image file does not exist.
+        ValueError: a name of the built-in demo splits or already registered with other
+            files, ``json_file`` not a COCO instances file, a corrupt annotation or image.
     """
+    flag = f"--register-coco {name}"
+    if name in SHAPES_SPLITS:  # before touching its metadata, which would generate the split
+        raise ValueError(f"{flag}: this name belongs to the built-in demo dataset; register yours under another name")
     json_file = os.path.abspath(json_file)
     image_root = os.path.abspath(image_root)
     if not os.path.exists(json_file):
-        raise FileNotFoundError(f"--register-coco {name}: annotation file not found: {json_file}")
+        raise FileNotFoundError(f"{flag}: annotation file not found: {json_file}")
     if not os.path.isfile(json_file):
-        raise ValueError(f"--register-coco {name}: annotation path is not a file: {json_file}")
+        raise ValueError(f"{flag}: annotation path is not a file: {json_file}")
     if not os.path.exists(image_root):
-        raise FileNotFoundError(f"--register-coco {name}: image directory not found: {image_root}")
+        raise FileNotFoundError(f"{flag}: image directory not found: {image_root}")
     if not os.path.isdir(image_root):
-        raise ValueError(f"--register-coco {name}: image root is not a directory: {image_root}")
+        raise ValueError(f"{flag}: image root is not a directory: {image_root}")
     if name in DatasetCatalog:
         meta = MetadataCatalog.get(name)
         registered = (meta.get("json_file"), meta.get("image_root"))
         if registered == (json_file, image_root):
             return
         raise ValueError(
-            f"--register-coco {name}: a dataset of this name is already registered with "
+            f"{flag}: a dataset of this name is already registered with "
             f"json_file={registered[0]}, image_root={registered[1]}"
         )
-    DatasetCatalog.register(name, lambda: _load_checked_coco_json(name, json_file, image_root))
+    coco = _read_coco_json(flag, json_file)
+    validate_dataset_dicts(name, _raw_records(name, coco))
+    _check_image_files(flag, json_file, image_root, coco["images"])
+    DatasetCatalog.register(
+        name, lambda: load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    )
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
-def _load_checked_coco_json(name: str, json_file: str, image_root: str) -> list[dict]:
-    """Validate the raw COCO annotations, then load them with detectron2."""
-    with open(json_file) as f:
-        coco = json.load(f)
-    validate_dataset_dicts(name, _raw_records(name, coco))
-    return load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+def _read_coco_json(flag: str, json_file: str) -> dict:
+    """Parse ``json_file`` and check the COCO fields that detectron2's loader relies on."""
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{flag}: {json_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+            "is it truncated?"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag}: {json_file} is not a JSON text file (not UTF-8)") from None
+    problem = _coco_problem(coco)
+    if problem:
+        raise ValueError(f"{flag}: {json_file}: {problem}")
+    return coco
+
+
+def _coco_problem(coco: object) -> str | None:
+    """What keeps parsed JSON from being a COCO instances file detectron2 can load, or None."""
+    if not isinstance(coco, dict) or not {"images", "categories"} <= coco.keys():
+        found = f"keys {sorted(coco)}" if isinstance(coco, dict) else f"a JSON {type(coco).__name__}"
+        return f"not a COCO instances file: expected 'images' and 'categories' lists, found {found}"
+    for key, required in (("images", _IMAGE_KEYS), ("categories", _CATEGORY_KEYS)):
+        entries = coco[key]
+        if not isinstance(entries, list) or not entries:
+            return f"'{key}' must be a non-empty list, got {entries!r:.40}"
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not required <= entry.keys():
+                absent = sorted(required - entry.keys()) if isinstance(entry, dict) else sorted(required)
+                return f"{key}[{i}] has no {' or '.join(map(repr, absent))}"
+    if not isinstance(coco.get("annotations", []), list):
+        return "'annotations' must be a list"
+    return None
+
+
+def _check_image_files(flag: str, json_file: str, image_root: str, images: list[dict]) -> None:
+    """Check that every image file exists and that PIL identifies it from its header."""
+    for image in images:
+        path = os.path.join(image_root, image["file_name"])
+        where = f"(image id {image['id']} of {json_file})"
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{flag}: image file not found: {path} {where}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{flag}: cannot read image {path} {where}: {e}") from None
 
 
 def _raw_records(name: str, coco: dict) -> list[dict]:
     """Group the raw annotations of a COCO dict per image, in dataset-dict layout."""
-    if not isinstance(coco, dict) or "images" not in coco:
-        raise ValueError(f"dataset {name}: not a COCO instances file (no 'images' list)")
     records = {
         image["id"]: {**image, "image_id": image["id"], "annotations": []}
         for image in coco["images"]
@@ -91,7 +148,7 @@ def _as_numbers(value: object) -> np.ndarray | None:
     return array
 
 
-def _annotation_problem(ann: dict, height: int | None, width: int | None) -> str | None:
+def _annotation_problem(ann: dict, height: int | None, width: int | None, require_mask: bool) -> str | None:
     """Describe what is wrong with one dataset-dict annotation, or return None."""
     bbox = _as_numbers(ann.get("bbox"))
     if bbox is None or len(bbox) != 4:
@@ -109,7 +166,12 @@ def _annotation_problem(ann: dict, height: int | None, width: int | None) -> str
         return f"category_id must be an integer, got {ann.get('category_id')!r}"
 
     segm = ann.get("segmentation")
-    if segm is None:
+    if segm is None or segm == []:
+        if require_mask and not ann.get("iscrowd"):  # detectron2 drops crowd annotations in training
+            return (
+                "no segmentation, but mask training (MODEL.MASK_ON) needs one on every annotation: "
+                "add it, remove the annotation, or set MODEL.MASK_ON False"
+            )
         return None
     if isinstance(segm, list):
         for poly in segm:
@@ -136,11 +198,12 @@ def _annotation_problem(ann: dict, height: int | None, width: int | None) -> str
     return f"segmentation must be a list of polygons or an RLE dict, got {type(segm).__name__}"
 
 
-def validate_dataset_dicts(name: str, dicts: Iterable[dict]) -> None:
+def validate_dataset_dicts(name: str, dicts: Iterable[dict], require_masks: bool = False) -> None:
     """Check the annotations of dataset dicts (detectron2 layout).
 
     Checks boxes (4 finite numbers, inside the image up to 1 px), category ids and
-    segmentations (polygons with >= 3 points, or RLE dicts of the image's size).
+    segmentations (polygons with >= 3 points, or RLE dicts of the image's size); with
+    ``require_masks``, that every non-crowd annotation has a segmentation.
 
     Raises:
         ValueError: naming the dataset, the image and the annotation id (or index).
@@ -148,7 +211,7 @@ def validate_dataset_dicts(name: str, dicts: Iterable[dict]) -> None:
     for record in dicts:
         height, width = record.get("height"), record.get("width")
         for index, ann in enumerate(record.get("annotations", [])):
-            problem = _annotation_problem(ann, height, width)
+            problem = _annotation_problem(ann, height, width, require_masks)
             if problem is not None:
                 ann_ref = f"annotation id {ann['id']}" if "id" in ann else f"annotation #{index}"
                 raise ValueError(
@@ -157,16 +220,17 @@ def validate_dataset_dicts(name: str, dicts: Iterable[dict]) -> None:
                 )
 
 
-def infer_mask_format(dataset_names: Iterable[str]) -> str:
+def infer_mask_format(dataset_names: Iterable[str], require_masks: bool = False) -> str:
     """Return the ``INPUT.MASK_FORMAT`` the datasets need.
 
     "bitmask" if any annotation has an RLE (dict) segmentation, "polygon" otherwise.
-    The datasets are loaded from the DatasetCatalog and validated on the way.
+    The datasets are loaded from the DatasetCatalog and validated on the way (see
+    :func:`validate_dataset_dicts`; ``require_masks`` for a mask-training set).
     """
     mask_format = "polygon"
     for name in dataset_names:
         dicts = DatasetCatalog.get(name)
-        validate_dataset_dicts(name, dicts)
+        validate_dataset_dicts(name, dicts, require_masks)
         if any(
             isinstance(ann.get("segmentation"), dict)
             for record in dicts
