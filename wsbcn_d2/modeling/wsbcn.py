@@ -21,7 +21,7 @@ from detectron2.layers.batch_norm import LayerNorm
 from torch import nn
 
 from ..config import NUM_GROUPS_KEYS, cfg_value, check_norm_slots, unreached_norm_slots, used_norm_slots
-from ..layers import NormOptions, WSConv2d, resolve_norm
+from ..layers import NormOptions, WSConv2d, WSConvGroup, resolve_norm
 
 __all__ = [
     "WSHeadMixin",
@@ -116,15 +116,15 @@ def standardize_normed_convs(module: nn.Module, eps: float) -> int:
     place, so references to them stay valid); other conv classes are left as
     they are (:func:`check_ws_coverage` reports them). Returns the number of convs converted.
     """
-    count = 0
+    converted = []
     for conv in normed_convs(module).values():
         if type(conv) is nn.Conv2d:  # as a detectron2 Conv2d without norm / activation it computes the same
             conv.__class__ = Conv2d
             conv.norm = conv.activation = None
         if type(conv) is Conv2d:
-            WSConv2d.convert_(conv, eps)
-            count += 1
-    return count
+            converted.append(WSConv2d.convert_(conv, eps))
+    WSConvGroup(converted)  # standardized together in training on CUDA: a few kernels per step, not per conv
+    return len(converted)
 
 
 def check_ws_coverage(model: nn.Module, cfg: Optional[CfgNode] = None, max_names: int = 8) -> None:
