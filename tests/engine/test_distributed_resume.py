@@ -99,7 +99,9 @@ def test_two_processes_estimate_as_one_process_over_both_batches(dataset_opts, t
     one = train(1, tmp_path / "one", dataset_opts, *opts)
     for step in range(3):
         for key, value in one[0]["estimates"][step].items():
-            torch.testing.assert_close(two[0]["estimates"][step][key], value, rtol=1e-4, atol=1e-6)
+            # float32 rounding: convolutions over batches of 1 and 2 images sum in other orders
+            scale = value.abs().max().item()
+            torch.testing.assert_close(two[0]["estimates"][step][key], value, rtol=0, atol=1e-4 * scale)
             assert torch.equal(two[1]["estimates"][step][key], two[0]["estimates"][step][key])
 
 
