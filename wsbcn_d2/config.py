@@ -164,12 +164,13 @@ def unreached_norm_slots(cfg: CN) -> List[NormSlot]:
     return [s for s in used_norm_slots(cfg) if s.value(cfg) and not callable(s.value(cfg)) and not s.reached(cfg)]
 
 
-def _finite(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = True, what: str = "") -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high
-    ok = ok and (value > low if low_open else value >= low)
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, key: str, what: str, requirement: str, value: Any) -> None:
     if not ok:
-        bound = f"> {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{key} ({what}) must be a finite number {bound}, got {value!r}")
+        raise ValueError(f"{key} ({what}) must be {requirement}, got {value!r}")
 
 
 def check_norm_slots(cfg: CN) -> None:
@@ -181,13 +182,14 @@ def check_norm_slots(cfg: CN) -> None:
     detectron2 component (which cannot build it; the message names the
     plugin's variant to select instead).
     """
-    _finite("MODEL.WS.EPS", cfg.MODEL.WS.EPS, 0.0, what="WS eps")
-    _finite("MODEL.BCN.EPS", cfg.MODEL.BCN.EPS, 0.0, what="BCN eps")
-    _finite("MODEL.BCN.UPDATE_RATE", cfg.MODEL.BCN.UPDATE_RATE, 0.0, 1.0, low_open=False, what="BCN update rate")
+    for key, what in (("MODEL.WS.EPS", "WS eps"), ("MODEL.BCN.EPS", "BCN eps")):
+        eps = cfg_value(cfg, key)
+        _require(_is_finite_number(eps) and eps > 0, key, what, "a finite number > 0", eps)
+    rate = cfg.MODEL.BCN.UPDATE_RATE
+    _require(_is_finite_number(rate) and 0 <= rate <= 1, "MODEL.BCN.UPDATE_RATE", "BCN update rate", "in [0, 1]", rate)
     for key in sorted(set(NUM_GROUPS_KEYS.values())):
         groups = cfg_value(cfg, key)
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"{key} (norm group count) must be an integer >= 1, got {groups!r}")
+        _require(isinstance(groups, int) and groups >= 1, key, "norm group count", "an integer >= 1", groups)
     for slot in used_norm_slots(cfg):
         name = slot.value(cfg)
         if callable(name) or name == "":

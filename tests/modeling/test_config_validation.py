@@ -37,7 +37,7 @@ def test_train_net_names_key_and_channels_of_bad_group_count(tmp_path):  # item 
         (["MODEL.WS.EPS", 0.0], ["MODEL.WS.EPS", "> 0"]),
         (["MODEL.BCN.EPS", float("nan")], ["MODEL.BCN.EPS", "nan"]),
         (["MODEL.BCN.EPS", float("inf")], ["MODEL.BCN.EPS", "inf"]),
-        (["MODEL.BCN.UPDATE_RATE", 1.5], ["MODEL.BCN.UPDATE_RATE", "[0.0, 1.0]", "1.5"]),
+        (["MODEL.BCN.UPDATE_RATE", 1.5], ["MODEL.BCN.UPDATE_RATE", "[0, 1]", "1.5"]),
         (["MODEL.BCN.UPDATE_RATE", float("nan")], ["MODEL.BCN.UPDATE_RATE", "nan"]),
         (["MODEL.GN.NUM_GROUPS", 0], ["MODEL.GN.NUM_GROUPS", ">= 1", "0"]),
         (["MODEL.GN.NUM_GROUPS", 24], ["MODEL.RESNETS.NORM 'GN'", "MODEL.GN.NUM_GROUPS 24", "64 channels"]),

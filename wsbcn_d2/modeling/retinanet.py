@@ -42,7 +42,7 @@ def _per_level(norm: Callable[[int], nn.Module], num_levels: int) -> Callable[[i
     return build
 
 
-def retinanet_head_norm(cfg: CfgNode) -> Norm:
+def _head_norm(cfg: CfgNode) -> Norm:
     """``MODEL.RETINANET.NORM`` for detectron2's ``RetinaNetHead``: BN and SyncBN as detectron2 handles
     them (per level), BCN and SyncBCN per level, every other norm shared across levels."""
     name = cfg.MODEL.RETINANET.NORM
@@ -64,7 +64,7 @@ class WSRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
-        ret = super().from_config(with_resolved_norms(cfg, {_NORM_KEY: retinanet_head_norm(cfg)}))
+        ret = super().from_config(with_resolved_norms(cfg, {_NORM_KEY: _head_norm(cfg)}))
         eps = ws_eps_from_cfg(cfg)
         if eps is not None:
             standardize_normed_convs(ret["head"], eps)
