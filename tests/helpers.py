@@ -12,6 +12,13 @@ from wsbcn_d2 import add_wsbcn_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
+DEMO_CONFIG = os.path.join(CONFIG_DIR, "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
+TINY = [  # tools/train_net.py overrides for a seconds-long run of DEMO_CONFIG on 64 px images
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
+]
 
 
 def load_config(relpath: str, *opts) -> CfgNode:

@@ -11,7 +11,6 @@ weights expect, and the config values they need are printed.
 """
 
 import argparse
-import os
 import shlex
 import sys
 from typing import List, Optional
@@ -19,7 +18,9 @@ from typing import List, Optional
 from wsbcn_d2.checkpoint import (
     LAYOUTS,
     NORM_FAMILIES,
+    CheckpointError,
     ConversionError,
+    check_destination,
     convert_checkpoint,
     load_source,
     save_checkpoint,
@@ -56,16 +57,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        check_destination(args.dest)
         result = convert_checkpoint(
             load_source(args.source, allow_pickle=args.allow_pickle),
             layout=None if args.layout == "auto" else args.layout,
             expect_depth=args.depth,
             expect_norm=args.norm,
         )
-        os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
         save_checkpoint(result, args.dest)
-    except (ConversionError, OSError) as e:
+    except ConversionError as e:  # about SOURCE's content
         print(f"error: {args.source}: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, OSError) as e:  # these name their file
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())
     print(f"wrote {args.dest}")

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.modeling import check_ws_coverage
-from wsbcn_d2.checkpoint import WSBCNCheckpointer
+from wsbcn_d2.checkpoint import WSBCNCheckpointer, check_weights
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
 from wsbcn_d2.engine import Trainer
 
@@ -55,7 +55,7 @@ def setup(args) -> CfgNode:
         cfg.MODEL.MASK_ON
         and cfg.INPUT.MASK_FORMAT == "polygon"
         and not args.eval_only
-        and infer_mask_format(cfg.DATASETS.TRAIN) == "bitmask"
+        and infer_mask_format(cfg.DATASETS.TRAIN, require_masks=True) == "bitmask"
     )
     if to_bitmask:
         cfg.INPUT.MASK_FORMAT = "bitmask"
@@ -72,26 +72,42 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         check_ws_coverage(model, cfg)
-        WSBCNCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = WSBCNCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL
+        )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
+    trainer.checkpointer.allow_partial_backbone = cfg.MODEL.WEIGHTS_ALLOW_PARTIAL
     check_ws_coverage(trainer.model, cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def check_inputs(args) -> None:
+    """Check the datasets, config and weights that setup() and training read, writing nothing.
+
+    Run in the launching process: bad input fails in one line (an OSError or ValueError
+    naming its key or file) before any worker starts or OUTPUT_DIR is touched.
+    """
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = load_config(args)
+    if cfg.MODEL.MASK_ON and not args.eval_only:
+        infer_mask_format(cfg.DATASETS.TRAIN, require_masks=True)
+    check_weights(cfg, resume=args.resume)
 
 
 def invoke_main() -> None:
     parser = argument_parser()
     args = parser.parse_args()
     print("Command Line Args:", args)
-    try:  # fail early and plainly on bad dataset paths and config values; workers check again in setup()
-        for name, json_file, image_root in args.register_coco:
-            register_coco_dataset(name, json_file, image_root)
-        load_config(args)
-    except (FileNotFoundError, ValueError) as e:
+    try:  # fail early and plainly on bad input; workers check again in setup() and when loading weights
+        check_inputs(args)
+    except (OSError, ValueError) as e:
         parser.error(str(e))
     launch(
         main,

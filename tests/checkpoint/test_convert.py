@@ -357,3 +357,50 @@ def test_checkpointer_refuses_unconverted_official_file(tmp_path):
     save_checkpoint(convert_checkpoint(load_source(str(source))), str(converted))
     WSBCNCheckpointer(backbone).load(str(converted))  # converted files pass
     torch.testing.assert_close(backbone.res5[1].conv2.weight, state["module.layer4.1.conv2.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda good: b"R-50-GN-WS weights: see the README\n", "not a checkpoint"),
+        (lambda good: b"", "the file is empty (0 bytes)"),
+        (lambda good: good[: len(good) // 2], "truncated, damaged or not a checkpoint"),
+    ],
+    ids=["text", "empty", "truncated"],
+)
+def test_cli_names_an_unreadable_source(tmp_path, capsys, content, message):
+    good = tmp_path / "good.pth"
+    torch.save(_gn_state(18), good)
+    source, dest = tmp_path / "R-18-GN-WS.pth.tar", tmp_path / "out.pkl"
+    source.write_bytes(content(good.read_bytes()))
+    assert CLI([str(source), str(dest)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {source}: ") and message in lines[0]
+    assert not dest.exists()
+
+
+def test_cli_checks_dest_before_loading(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "R-18-GN-WS.pth.tar"
+    torch.save(_gn_state(18), source)
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("SOURCE was loaded before DEST was checked"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where DEST's folder should be")
+    for dest, message in ((tmp_path / "out.pth", "the output must be a .pkl file"), (blocker / "out.pkl", "blocker")):
+        assert CLI([str(source), str(dest)]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_cli_writes_dest_atomically(tmp_path, monkeypatch):
+    """A failure while DEST is written leaves an existing DEST as it was, and no temporary file."""
+    source, dest = tmp_path / "R-18-GN-WS.pth.tar", tmp_path / "R-18-GN-WS.pkl"
+    torch.save(_gn_state(18), source)
+    dest.write_bytes(b"previous conversion")
+
+    def dump_half(obj, f, *args, **kwargs):
+        f.write(b"\x80\x04 half a pickle")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pickle, "dump", dump_half)
+    assert CLI([str(source), str(dest)]) == 1
+    assert dest.read_bytes() == b"previous conversion"
+    assert {p.name for p in tmp_path.iterdir()} == {source.name, dest.name}

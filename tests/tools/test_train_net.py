@@ -7,16 +7,9 @@ import sys
 
 import pytest
 
-from helpers import CONFIG_DIR, REPO
+from helpers import DEMO_CONFIG as CONFIG
+from helpers import REPO, TINY
 from wsbcn_d2.data import generate_shapes_dataset
-
-CONFIG = os.path.join(CONFIG_DIR, "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
-TINY = [
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
-]
 
 
 def train_net(*args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
-"""Loading ImageNet-pretrained WS / BCN backbones: conversion into detectron2 checkpoints."""
+"""Checkpoints: converting ImageNet-pretrained WS / BCN backbones, and the tools' checkpointer."""
 
+from .checkpointer import WSBCNCheckpointer, check_weights
 from .convert import (
     INPUT_FORMAT,
     LAYOUTS,
@@ -9,10 +10,11 @@ from .convert import (
     ConversionError,
     ConversionResult,
     Layout,
-    WSBCNCheckpointer,
+    check_destination,
     convert_checkpoint,
     load_source,
     save_checkpoint,
 )
+from .io import AtomicWritePathManager, CheckpointError, atomic_write, read_failure
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -22,6 +22,7 @@ The Caffe2/Detectron-named ``.pkl`` copies (``conv1_w``, ``res2_0_branch2a_gn_s`
 ...) need no conversion: detectron2's checkpointer renames GN blobs itself.
 """
 
+import os
 import pickle
 import re
 from collections import Counter
@@ -30,12 +31,12 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.layers import ShapeSpec
 
 from ..config import add_wsbcn_config
 from ..modeling import build_ws_resnet_backbone
+from .io import CheckpointError, atomic_write, read_failure
 
 __all__ = [
     "ConversionError",
@@ -46,7 +47,7 @@ __all__ = [
     "PIXEL_MEAN",
     "PIXEL_STD",
     "Layout",
-    "WSBCNCheckpointer",
+    "check_destination",
     "convert_checkpoint",
     "load_source",
     "save_checkpoint",
@@ -202,15 +203,26 @@ class ConversionResult:
 
 
 def load_source(path: str, allow_pickle: bool = False) -> Mapping[str, Any]:
-    """``torch.load`` a checkpoint on CPU, with ``weights_only`` unless ``allow_pickle``."""
+    """``torch.load`` a checkpoint on CPU, with ``weights_only`` unless ``allow_pickle``.
+
+    Raises:
+        CheckpointError: naming ``path``: it is empty, truncated, not a torch checkpoint, or
+            holds Python objects (and ``allow_pickle`` is off).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        raise ConversionError(
+        if "Weights only load failed" not in str(e):
+            raise read_failure(path, e) from e
+        raise CheckpointError(
             f"{path} is not a plain-tensor torch checkpoint ({str(e).splitlines()[0]}). A Caffe2/Detectron "
             "'.pkl' needs no conversion: use it directly as MODEL.WEIGHTS. If this is a torch checkpoint "
             "holding other Python objects and you trust it, re-run with --allow-pickle."
         ) from e
+    except Exception as e:  # an unreadable file fails in many ways, see read_failure
+        raise read_failure(path, e) from e
 
 
 def _state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
@@ -273,6 +285,7 @@ def _expected_shapes(overrides: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]
     cfg: CfgNode = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_list([x for item in overrides.items() for x in item])
+    cfg.MODEL.BACKBONE.NAME = "build_ws_resnet_backbone"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     with torch.device("meta"):
@@ -425,31 +438,21 @@ def _check_complete(result: ConversionResult, expected: Mapping[str, Tuple[int, 
         )
 
 
-def save_checkpoint(result: ConversionResult, path: str) -> None:
-    """Write ``result.checkpoint()`` as a detectron2 ``.pkl`` (usable as MODEL.WEIGHTS)."""
-    if not path.endswith(".pkl"):
-        raise ConversionError(f"{path}: the output must be a .pkl file (detectron2 loads .pkl with name matching)")
-    with open(path, "wb") as f:
-        pickle.dump(result.checkpoint(), f)
+def check_destination(path: str) -> None:
+    """Raise a :class:`CheckpointError` unless ``path`` is a ``.pkl`` file name in a writable directory.
 
-
-class WSBCNCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer that refuses unconverted torchvision-layout ResNet files.
-
-    Loading such a file (an official WS/BCN ``.pth``/``.pth.tar``) with the plain
-    DetectionCheckpointer only warns that every key is unexpected and leaves the
-    backbone at random initialization; this one raises a :class:`ConversionError`
-    pointing to ``tools/convert_pretrained.py`` instead.
+    Creates the directory if needed; run it before the conversion work.
     """
+    if not path.endswith(".pkl"):
+        raise CheckpointError(f"{path}: the output must be a .pkl file (detectron2 loads .pkl with name matching)")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise CheckpointError(f"{path}: cannot write into {directory}")
 
-    def _load_model(self, checkpoint: Dict[str, Any]):
-        if not checkpoint.get("matching_heuristics", False):
-            model_keys = set(self.model.state_dict())
-            foreign = [k for k in _state_dict(checkpoint["model"]) if _KEY_RE.fullmatch(k) and k not in model_keys]
-            if any(k.startswith("layer") for k in foreign):
-                raise ConversionError(
-                    f"this checkpoint has torchvision ResNet names ({', '.join(foreign[:3])}, ...) that detectron2 "
-                    "cannot load: convert it first with  python tools/convert_pretrained.py SOURCE DEST.pkl  "
-                    "and use DEST.pkl as MODEL.WEIGHTS"
-                )
-        return super()._load_model(checkpoint)
+
+def save_checkpoint(result: ConversionResult, path: str) -> None:
+    """Write ``result.checkpoint()`` atomically as a detectron2 ``.pkl`` (usable as MODEL.WEIGHTS)."""
+    check_destination(path)
+    with atomic_write(path, "wb") as f:
+        pickle.dump(result.checkpoint(), f)
