@@ -146,6 +146,7 @@ def plugin_cfg(overrides: Dict) -> CfgNode:
     cfg = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_list([x for item in overrides.items() for x in item])
+    cfg.MODEL.META_ARCHITECTURE = "ProposalNetwork"  # the backbone alone: no head reads its norm
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BCN.UPDATE_RATE = 0.0
     cfg.MODEL.BACKBONE.FREEZE_AT = 0

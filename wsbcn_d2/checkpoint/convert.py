@@ -285,6 +285,7 @@ def _expected_shapes(overrides: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]
     cfg: CfgNode = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_list([x for item in overrides.items() for x in item])
+    cfg.MODEL.META_ARCHITECTURE = "ProposalNetwork"  # the backbone alone: no head reads its norm
     cfg.MODEL.BACKBONE.NAME = "build_ws_resnet_backbone"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
