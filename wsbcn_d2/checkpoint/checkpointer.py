@@ -14,6 +14,7 @@ from .io import AtomicWritePathManager, CheckpointError, read_failure
 __all__ = ["WSBCNCheckpointer", "check_weights"]
 
 _SHOWN = 3  # tensor names quoted per kind of problem
+_COUNTER = "num_batches_tracked"  # a BatchNorm step counter, not a weight
 
 
 def _pretrained_prefix(model: nn.Module) -> str:
@@ -53,7 +54,9 @@ class WSBCNCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(f"MODEL.WEIGHTS {e}") from e
         last = self.get_checkpoint_file()
         if not os.path.basename(last):
-            raise CheckpointError(f"{tag} is empty: write the name of a checkpoint of {self.save_dir} into it, or delete it")
+            raise CheckpointError(
+                f"{tag} is empty: write the name of a checkpoint in {self.save_dir} into it, or delete it"
+            )
         try:
             return self.load(last)
         except CheckpointError as e:
@@ -63,6 +66,7 @@ class WSBCNCheckpointer(DetectionCheckpointer):
             ) from e
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        """detectron2's ``load``; a missing local ``path`` raises a :class:`CheckpointError`."""
         if path and "://" not in path and not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such file")
         self._loading = path
@@ -97,7 +101,7 @@ class WSBCNCheckpointer(DetectionCheckpointer):
     def _check_backbone_loaded(self, incompatible) -> None:
         """Raise unless every backbone (bottom-up) tensor was loaded with its shape."""
         prefix = _pretrained_prefix(self.model)
-        expected = [k for k in self.model.state_dict() if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
+        expected = [k for k in self.model.state_dict() if k.startswith(prefix) and not k.endswith(_COUNTER)]
         shapes = {k: (file_shape, model_shape) for k, file_shape, model_shape in incompatible.incorrect_shapes}
         # fvcore drops tensors of another shape before loading, so they are also among the missing keys
         missing = [k for k in incompatible.missing_keys if k in expected and k not in shapes]
