@@ -95,7 +95,9 @@ def test_weights_for_another_backbone_are_refused_unless_allowed(tmp_path):
     text = str(err.value)
     assert text.startswith(f"MODEL.WEIGHTS {path}: only {len(total) - len(missing) - len(mismatched)} of {len(total)} ")
     assert f"{len(missing)} missing ({', '.join(missing[:3])}, ...)" in text
-    assert f"{len(mismatched)} of another shape ({mismatched[0]} {tuple(r18[mismatched[0]].shape)} in the file" in text
+    first = mismatched[0]
+    shapes = ["x".join(map(str, state[first].shape)) for state in (r18, r50)]
+    assert f"{len(mismatched)} of another shape ({first} {shapes[0]} (model: {shapes[1]}), " in text
     assert "MODEL.WEIGHTS_ALLOW_PARTIAL True" in text
     backbone = _resnet(50)
     WSBCNCheckpointer(backbone, allow_partial_backbone=True).resume_or_load(str(path), resume=False)

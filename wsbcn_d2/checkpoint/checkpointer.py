@@ -17,6 +17,10 @@ _SHOWN = 3  # tensor names quoted per kind of problem
 _COUNTER = "num_batches_tracked"  # a BatchNorm step counter, not a weight
 
 
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def _pretrained_prefix(model: nn.Module) -> str:
     """State-dict prefix of the part pretrained weights fill: the backbone's bottom-up network."""
     prefix, backbone = ("", model) if isinstance(model, Backbone) else ("backbone.", getattr(model, "backbone", model))
@@ -106,7 +110,7 @@ class WSBCNCheckpointer(DetectionCheckpointer):
         # fvcore drops tensors of another shape before loading, so they are also among the missing keys
         missing = [k for k in incompatible.missing_keys if k in expected and k not in shapes]
         mismatched = [
-            f"{k} {tuple(file_shape)} in the file, {tuple(model_shape)} in the model"
+            f"{k} {_shape(file_shape)} (model: {_shape(model_shape)})"
             for k, (file_shape, model_shape) in shapes.items()
             if k in expected
         ]
