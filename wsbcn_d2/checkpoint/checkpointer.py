@@ -1,7 +1,7 @@
 """The checkpointer of the plugin's tools: atomic saves and loads that fail loudly and clearly."""
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
@@ -17,7 +17,7 @@ _SHOWN = 3  # tensor names quoted per kind of problem
 _COUNTER = "num_batches_tracked"  # a BatchNorm step counter, not a weight
 
 
-def _shape(shape) -> str:
+def _shape(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
