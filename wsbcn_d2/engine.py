@@ -28,6 +28,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTraine
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
 
@@ -68,8 +69,9 @@ class ResumableBatchSampler:
     process ``r`` of ``W`` takes its elements ``r, r + W, r + 2W, ...`` and batches images of
     one aspect-ratio group (:class:`AspectRatioGroupedDataset`'s rule). The grouping is done
     on indices, before loading, so batch ``k`` does not depend on what was loaded before: with
-    ``start_iter = k`` the sampler replays the first ``k`` batches' indices (about a second per
-    million images, no image is read) and yields batch ``k`` onwards.
+    ``start_iter = k`` the sampler replays the first ``k`` batches' indices (no image is read:
+    0.5 s for the 2.9 million images of a 4-process run at iteration 360k) and yields batch
+    ``k`` onwards.
 
     Elements are ``(seed, index)`` pairs: a dataset index and a seed derived from the element's
     position in the shared stream, for :class:`SeededMapDataset`.
@@ -158,6 +160,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__, but for the DDP wrapper's device_ids and the checkpointer
         TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -213,7 +217,8 @@ class Trainer(DefaultTrainer):
             num_workers=args["num_workers"],
             collate_fn=trivial_batch_collator,
             worker_init_fn=worker_init_reset_seed,
-            generator=torch.Generator().manual_seed(sampler.seed),  # not the global one, which IterationSeed sets
+            # a new iterator draws its workers' base seed: from this generator, not the step's global one
+            generator=torch.Generator().manual_seed(sampler.seed),
         )
 
     @classmethod

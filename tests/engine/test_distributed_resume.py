@@ -36,7 +36,8 @@ def dataset_opts(tmp_path_factory):
 def train(num_processes: int, out, dataset_opts, *opts, resume: bool = False) -> dict:
     """Runs tools/train_net.py; returns {rank: what that process dumped}."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # GLOO, no oversubscription
-    cmd = [sys.executable, SCRIPT, "--config-file", CONFIG, "--num-gpus", str(num_processes)]
+    # a free port: detectron2's default one is fixed per user, shared by concurrent runs
+    cmd = [sys.executable, SCRIPT, "--config-file", CONFIG, "--num-gpus", str(num_processes), "--dist-url", "auto"]
     cmd += ["--resume"] * resume + dataset_opts + TINY + ["OUTPUT_DIR", str(out), *opts]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
