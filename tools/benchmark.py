@@ -11,7 +11,12 @@ repetition):
   repetition does the same work);
 - memory: on CPU, the bytes of the tensors autograd saves for backward (unique
   storages, deterministic); on GPU also CUDA's peak allocated bytes of a step;
-- inference per image: ``model.eval()`` under ``torch.no_grad``.
+- inference: ``model.eval()`` then the model under ``torch.no_grad``, every
+  call (a common serving loop; WS's cached weights must survive it).
+
+``--images`` sets the images per training step and inference call (the paper
+trains with 1-2 per GPU); ``--amp`` runs both under bfloat16 autocast, as
+``SOLVER.AMP.ENABLED`` does for training.
 
 Each variant's figures are reported as ratios to GN: the median over
 repetitions of the ratio measured in the same repetition, with its min-max.
@@ -23,7 +28,11 @@ process's CPU time) gives much steadier ratios than wall-clock time.
 
     nice -n 10 .venv/bin/python tools/benchmark.py --sizes 320 640 800 --reps 3 --threads 1 --timer cpu \
         --json docs/benchmark.json --markdown docs/benchmark.md
+
+On a GPU, ``make gpu-check`` runs it at 800 and 1333 px with 2 images per step,
+in float32 and bfloat16 (tools/gpu_check.sh).
 """
+import contextlib
 import argparse
 import json
 import os
@@ -43,7 +52,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from wsbcn_d2 import add_wsbcn_config, fold_for_inference
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_R_50_FPN_2x_gn_ws.yaml")
@@ -159,15 +168,16 @@ class _Clock:
 
 
 class _Runner:
-    """One variant's model, optimizer and timed steps."""
+    """One variant's model, optimizer and timed steps (under bfloat16 autocast with ``amp``)."""
 
-    def __init__(self, cfg: CfgNode, seed: int):
+    def __init__(self, cfg: CfgNode, seed: int, amp: bool = False):
         # learning rate 0: weights stay put (same work every repetition) but are still written in place
         cfg = cfg.clone()
         cfg.merge_from_list(["SOLVER.BASE_LR", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
         self.model = build_benchmark_model(cfg, seed)
         self.optimizer = build_optimizer(cfg, self.model)
         self.device = torch.device(cfg.MODEL.DEVICE)
+        self.amp = amp
         self.folded: Optional[nn.Module] = None
         self.num_fg = float("nan")
 
@@ -175,7 +185,8 @@ class _Runner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with EventStorage(0) as storage, _Clock(self.device) as clock:
-            loss = sum(self.model(batch).values())
+            with self._autocast():
+                loss = sum(self.model(batch).values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -184,6 +195,11 @@ class _Runner:
         if self.device.type == "cuda":
             out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def fold(self) -> None:
         """Also time :func:`fold_for_inference` of the model, if it has anything to fold."""
@@ -194,7 +210,8 @@ class _Runner:
         out = {}
         for name, model in (("infer", self.model), ("infer_folded", self.folded)):
             if model is not None:
-                with torch.no_grad(), _Clock(self.device) as clock:
+                with torch.no_grad(), self._autocast(), _Clock(self.device) as clock:
+                    model.eval()
                     model(images)
                 out.update(clock.times(name))
         return out
@@ -205,7 +222,7 @@ def _interleaved(
 ) -> Dict[str, Dict[str, List[float]]]:
     """``step`` on every runner, ``warmup`` untimed rounds then ``reps`` rounds in rotating order.
 
-    The mode is set once, as a trainer or evaluator does (switching modes drops WS caches).
+    The mode is set once here; inference steps also call ``eval()`` themselves.
     """
     names = list(runners)
     for runner in runners.values():
@@ -240,21 +257,30 @@ def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]])
 
 
 def _ws_cache_reused(model: nn.Module, images: List[Dict]) -> Optional[bool]:
-    """Whether a second eval call reuses every WS conv's cached standardized weight (None: no WS)."""
+    """Whether an eval call after ``train()`` / ``eval()`` reuses every WS conv's cached weight (None: no WS)."""
     convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
     if not convs:
         return None
     with torch.no_grad():
-        model(images)
+        model.eval()(images)
         cached = [m._cached_weight for m in convs]
-        model(images)
+        model.train().eval()(images)
     return all(c is not None and m._cached_weight is c for m, c in zip(convs, cached))
 
 
 def measure(
-    cfgs: Dict[str, CfgNode], short_side: int, reps: int = 3, warmup: int = 1, seed: int = 0
+    cfgs: Dict[str, CfgNode],
+    short_side: int,
+    reps: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    images: int = 1,
+    amp: bool = False,
 ) -> Dict[str, Dict]:
     """Measure every variant of ``cfgs`` (``BASELINE`` among them) at one input size.
+
+    ``images`` synthetic images make a training batch and an inference call;
+    ``amp`` runs both under bfloat16 autocast.
 
     Returns, per variant: ``saved_bytes`` / ``saved_activation_bytes`` (and their
     ratios to the baseline); wall and process-CPU seconds ``train_s``,
@@ -267,25 +293,26 @@ def measure(
     """
     if BASELINE not in cfgs:
         raise ValueError(f"the variants must include the baseline {BASELINE!r}")
-    runners = {name: _Runner(cfg, seed) for name, cfg in cfgs.items()}
+    runners = {name: _Runner(cfg, seed, amp) for name, cfg in cfgs.items()}
     device = runners[BASELINE].device
-    sample = synthetic_input(short_side, seed=seed)
-    batch = [{k: v.to(device) for k, v in sample.items()}]
-    images = [{"image": batch[0]["image"]}]
+    samples = [synthetic_input(short_side, seed=seed + i) for i in range(images)]
+    batch = [{k: v.to(device) for k, v in sample.items()} for sample in samples]
+    inputs = [{"image": sample["image"]} for sample in batch]
 
-    results = {name: saved_tensor_bytes(r.model, batch) for name, r in runners.items()}
+    with runners[BASELINE]._autocast():
+        results = {name: saved_tensor_bytes(r.model, batch) for name, r in runners.items()}
     print(f"[{short_side} px] timing training steps", file=sys.stderr, flush=True)
     train = _interleaved(runners, lambda r: r.train_step(batch), True, reps, warmup)
     print(f"[{short_side} px] timing inference", file=sys.stderr, flush=True)
     for runner in runners.values():
         runner.fold()
-    infer = _interleaved(runners, lambda r: r.infer(images), False, reps, warmup)
+    infer = _interleaved(runners, lambda r: r.infer(inputs), False, reps, warmup)
     base = {**train[BASELINE], **infer[BASELINE]}
     for name, runner in runners.items():
         res = results[name]
         res.update(_ratio_summary({**train[name], **infer[name]}, base))
         res["num_fg"] = runner.num_fg
-        res["ws_cache_reused"] = _ws_cache_reused(runner.model, images)
+        res["ws_cache_reused"] = _ws_cache_reused(runner.model, inputs)
     for res in results.values():
         for key in ("saved_bytes", "saved_activation_bytes"):
             res[f"{key}_ratio"] = res[key] / results[BASELINE][key]
@@ -340,6 +367,8 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--sizes", nargs="+", type=int, default=[320, 640, 800], help="input short sides")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant")
+    parser.add_argument("--images", type=int, default=1, help="images per training step and inference call")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (as SOLVER.AMP.ENABLED)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -361,7 +390,9 @@ def main(argv: Sequence[str] = None) -> Dict:
     cfgs = {v: load_variant_config(args.config_file, v, ["MODEL.DEVICE", args.device, *args.opts]) for v in args.variants}
     all_results = {}
     for size in args.sizes:
-        all_results[size] = measure(cfgs, size, reps=args.reps, warmup=args.warmup)
+        all_results[size] = measure(
+            cfgs, size, reps=args.reps, warmup=args.warmup, images=args.images, amp=args.amp
+        )
         print(format_table({size: all_results[size]}, args.timer), flush=True)
     report = {
         "machine": {
@@ -372,6 +403,9 @@ def main(argv: Sequence[str] = None) -> Dict:
         },
         "config_file": os.path.relpath(args.config_file, REPO),
         "opts": args.opts,
+        "images": args.images,
+        "precision": "bfloat16 autocast" if args.amp else "float32",
+        "kernels": "triton" if triton_kernels.use_triton(torch.zeros(1, device=args.device)) else "torch",
         "reps": args.reps,
         "warmup": args.warmup,
         "timer": args.timer,
@@ -398,7 +432,8 @@ def _markdown(report: Dict, argv: Sequence[str]) -> str:
             "# Cost of WS and BCN, ratio to GN",
             "",
             f"{machine['date']}, {machine['device']}, {machine['threads']} torch thread(s), torch {machine['torch']};",
-            f"`{report['config_file']}` {' '.join(report['opts'])}; {report['warmup']} warm-up and "
+            f"`{report['config_file']}` {' '.join(report['opts'])}; {report['images']} image(s) per step, "
+            f"{report['precision']}, WS/BCN through the {report['kernels']} code; {report['warmup']} warm-up and "
             f"{report['reps']} interleaved repetitions per variant; times are {timer}.",
             "",
             f"    nice -n 10 .venv/bin/python tools/benchmark.py {shlex.join(argv)}",

@@ -48,8 +48,9 @@ def ws_convs(seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     convs = [WSConv2d(i, o, k, bias=False).to(DEVICE, dtype) for o, i, k, _ in WS_SHAPES]
     with torch.no_grad():
-        for conv in convs:
-            conv.weight.mul_(torch.rand_like(conv.weight) * 3).add_(torch.randn(conv.weight.shape[0], 1, 1, 1))
+        for conv in convs:  # uneven scales and a mean per filter
+            offset = torch.randn(conv.weight.shape[0], 1, 1, 1, device=DEVICE)
+            conv.weight.mul_(torch.rand_like(conv.weight) * 3).add_(offset)
     return convs
 
 
@@ -253,3 +254,43 @@ def test_bcn_output_dtype_follows_group_norm_under_autocast(kernels):
         gn = nn.functional.group_norm(x, 4)
     assert out.dtype == gn.dtype == group_norm_output_dtype(x)
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels on a GPU (make gpu-check)")
+
+
+@cuda_only
+def test_ws_group_full_size_resnet_weights():
+    shapes = [(64, 3, 7, 7), (256, 64, 1, 1), (512, 512, 3, 3), (2048, 512, 1, 1), (256, 256, 3, 3), (512, 4608, 1, 1)]
+    torch.manual_seed(0)
+    convs = [WSConv2d(i, o, k, bias=False).to(DEVICE) for o, i, k, _ in shapes]
+    WSConvGroup(convs)
+    weights = [conv.standardized_weight() for conv in convs]
+    grads = [torch.randn_like(w) for w in weights]
+    sum((w * g).sum() for w, g in zip(weights, grads)).backward()
+    for conv, w, g in zip(convs, weights, grads):
+        w64 = conv.weight.detach().double().requires_grad_()
+        (reference_standardize(w64) * g.double()).sum().backward()
+        torch.testing.assert_close(w.double(), reference_standardize(w64.detach()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+# a res2 map of an 800x1067 image pair, a res5 map, and the box head's 7x7 maps of 1024 RoIs
+@cuda_only
+@pytest.mark.parametrize("shape", [(2, 256, 200, 267, 32), (2, 2048, 25, 34, 32), (1024, 256, 7, 7, 32)], ids=str)
+def test_bcn_kernels_full_size(monkeypatch, shape):
+    n, c, h, w, groups = shape
+    module = randomized_bcn(c, groups)
+    reference = copy.deepcopy(module).double()
+    x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
+    grad = torch.randn(n, c, h, w, device=DEVICE)
+    got = run_bcn(module, x, grad)
+    with monkeypatch.context() as m:
+        torch_path(m)
+        expected = run_bcn(reference, x.double(), grad.double())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+    for key, value in bcn_state(module).items():
+        torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from helpers import CONFIG_DIR, REPO
 
@@ -43,3 +44,19 @@ def test_command_line_writes_json_table(benchmark, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["results"]["64"]) == {"GN", "FrozenBN"}
     assert "| 64 | FrozenBN |" in report["table"]
+
+
+def test_images_per_step_and_bfloat16_autocast(benchmark):
+    cfg = {"GN": benchmark.load_variant_config(CONFIG, "GN", ["MODEL.DEVICE", "cpu"])}
+    one = benchmark.measure(cfg, short_side=64, reps=1, warmup=0)["GN"]
+    two = benchmark.measure(cfg, short_side=64, reps=1, warmup=0, images=2)["GN"]
+    assert 1.8 < two["saved_activation_bytes"] / one["saved_activation_bytes"] < 2.2  # twice the activations
+
+    dtypes = []
+    for amp in (False, True):
+        runner = benchmark._Runner(cfg["GN"], seed=0, amp=amp)
+        runner.model.backbone.bottom_up.stem.conv1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        sample = benchmark.synthetic_input(64)
+        runner.train_step([sample])
+        runner.infer([{"image": sample["image"]}])
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2  # training and inference under autocast

@@ -19,6 +19,7 @@ against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
 Statistics are computed in float32 whatever the input dtype. Set
 ``WSBCN_TRITON=0`` to use the torch code on CUDA too (for comparisons).
 """
+import math
 import os
 from typing import Callable, Optional, Tuple
 
@@ -98,8 +99,9 @@ if triton is not None:
     # Per-(sample, channel) kernels work on tiles of ROWS rows x BLOCK positions, so that both
     # a 200x272 backbone map and the 7x7 maps of 1000 RoIs fill the GPU.
     @triton.jit
-    def _bcn_moments_kernel(x_ptr, mean_ptr, var_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # mean and biased variance of each row over HW (per-lane Welford, then Chan's combination)
+    def _bcn_moments_kernel(x_ptr, ws_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # mean and biased variance of each row over HW (per-lane Welford, then Chan's combination),
+        # into the forward workspace: mean at [0, NC), variance at [NC, 2 NC)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = x_ptr + rows.to(tl.int64)[:, None] * HW
@@ -118,18 +120,23 @@ if triton is not None:
         row_mean = tl.sum(mean * count, axis=1) / total
         d = mean - row_mean[:, None]
         row_var = tl.sum(m2 + count * d * d, axis=1) / total
-        tl.store(mean_ptr + rows, row_mean, mask=row_ok)
-        tl.store(var_ptr + rows, row_var, mask=row_ok)
+        tl.store(ws_ptr + rows, row_mean, mask=row_ok)
+        tl.store(ws_ptr + NC + rows, row_var, mask=row_ok)
 
     @triton.jit
     def _bcn_forward_finalize_kernel(
-        mean_ptr, var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
-        stat_ptr, coef_ptr, mu_ptr, rstd_ptr,
+        ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
         N, C, G, rate, bn_eps, gn_eps,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE: tl.constexpr,
     ):  # fmt: skip
         # one program per group: estimate update, batch step as (scale, shift), group statistics
         # of x1 = x * scale + shift, and the (N, C) coefficients of y = x * S + T
+        mean_ptr = ws_ptr
+        var_ptr = ws_ptr + N * C
+        coef_ptr = ws_ptr + 2 * N * C
+        stat_ptr = ws_ptr + 4 * N * C
+        mu_ptr = stat_ptr + 2 * C
+        rstd_ptr = mu_ptr + N * G
         g = tl.program_id(0)
         cl = tl.arange(0, BLOCK_C)
         c_ok = cl < CG
@@ -181,10 +188,11 @@ if triton is not None:
             tl.store(rstd_ptr + nl * G + g, rstd, mask=nl < N)
 
     @triton.jit
-    def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, coef_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
+    def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        # out = x * A + B (+ z * C) with per-row coefficients: y = x * S + T forward,
-        # dx = dy * A + D + x * B backward
+        # out = x * A + B (+ z * C) with per-row coefficients at ws[2 NC:] in both workspaces:
+        # y = x * S + T forward, dx = dy * A + D + x * B backward
+        coef_ptr = ws_ptr + 2 * NC
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -200,7 +208,7 @@ if triton is not None:
 
     @triton.jit
     def _bcn_backward_sums_kernel(dy_ptr, x_ptr, sums_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # sum(dy) and sum(dy * x) of each row over HW
+        # sum(dy) and sum(dy * x) of each row over HW, at the start of the backward workspace
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = rows.to(tl.int64)[:, None] * HW
@@ -217,12 +225,22 @@ if triton is not None:
 
     @triton.jit
     def _bcn_backward_finalize_kernel(
-        sums_ptr, mean_ptr, var_ptr, stat_ptr, bnw_ptr, bnb_ptr, gamma_ptr, mu_ptr, rstd_ptr,
-        coef_ptr, d_bnw_ptr, d_bnb_ptr, d_gamma_ptr, d_beta_ptr,
+        sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
         N, C, G, HW,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         # one program per group: the coefficients of dx = A * dy + B * x + D and the parameter gradients
+        # (backward workspace: sums, coefficients, d_bn_weight, d_bn_bias, d_gamma, d_beta)
+        mean_ptr = ws_ptr
+        var_ptr = ws_ptr + N * C
+        stat_ptr = ws_ptr + 4 * N * C
+        mu_ptr = stat_ptr + 2 * C
+        rstd_ptr = mu_ptr + N * G
+        coef_ptr = sums_ptr + 2 * N * C
+        d_bnw_ptr = sums_ptr + 5 * N * C
+        d_bnb_ptr = d_bnw_ptr + C
+        d_gamma_ptr = d_bnb_ptr + C
+        d_beta_ptr = d_gamma_ptr + G
         g = tl.program_id(0)
         cl = tl.arange(0, BLOCK_C)
         c_ok = cl < CG
@@ -326,7 +344,7 @@ def bcn_forward(
     update_rate: float,
     update: Optional[Callable[[torch.Tensor, torch.Tensor], None]],
     out_dtype: torch.dtype,
-) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """BCN with a fixed-statistics batch step, forward; returns ``(y, saved)`` for :func:`bcn_backward`.
 
     ``update_rate > 0`` updates ``running_mean`` / ``running_var`` in place from
@@ -335,54 +353,47 @@ def bcn_forward(
     """
     n, c = x.shape[:2]
     groups = gamma.numel()
-    hw = x[0, 0].numel()
+    hw = math.prod(x.shape[2:])
     x = x.contiguous()
-    mean = torch.empty((n, c), dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
+    # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T, the (2, C)
+    # estimates used (mean, 1 / sqrt(var + eps)) and the (N, G) group mean and 1 / std
+    workspace = torch.empty(4 * n * c + 2 * c + 2 * n * groups, dtype=torch.float32, device=x.device)
     launch = _rows_launch(hw)
-    _bcn_moments_kernel[_rows_grid(n * c, hw, launch, False)](x, mean, var, n * c, hw, **launch)
+    _bcn_moments_kernel[_rows_grid(n * c, hw, launch, False)](x, workspace, n * c, hw, **launch)
     if update is not None:
-        update(mean, var)
-    stat = torch.empty((2, c), dtype=torch.float32, device=x.device)  # estimates used: mean, 1/sqrt(var + eps)
-    coef = torch.empty((2, n, c), dtype=torch.float32, device=x.device)
-    mu = torch.empty((n, groups), dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mu)
+        update(workspace[: n * c].view(n, c), workspace[n * c : 2 * n * c].view(n, c))
     _bcn_forward_finalize_kernel[(groups,)](
-        mean, var, running_mean, running_var, bn_weight, bn_bias, gamma, beta, stat, coef, mu, rstd,
-        n, c, groups, float(update_rate), bn_eps, gn_eps,
+        workspace, running_mean, running_var, bn_weight, bn_bias, gamma, beta,
+        n, c, groups, float(update_rate), float(bn_eps), float(gn_eps),
         UPDATE=update is None and update_rate > 0, **_group_launch(c // groups),
     )  # fmt: skip
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](x, x, y, coef, n * c, hw, TWO_INPUTS=False, **launch)
-    return y, (x, mean, var, stat, mu, rstd)
+    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
+    return y, (x, workspace)
 
 
 def bcn_backward(
     dy: torch.Tensor,
-    saved: Tuple[torch.Tensor, ...],
+    saved: Tuple[torch.Tensor, torch.Tensor],
     bn_weight: torch.Tensor,
     bn_bias: torch.Tensor,
     gamma: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`bcn_forward`: ``dx`` (x's dtype), then float32 ``d_bn_weight``,
     ``d_bn_bias``, ``d_gamma``, ``d_beta``."""
-    x, mean, var, stat, mu, rstd = saved
+    x, forward_workspace = saved
     n, c = x.shape[:2]
     groups = gamma.numel()
-    hw = x[0, 0].numel()
+    hw = math.prod(x.shape[2:])
     dy = dy.contiguous()
     launch = _rows_launch(hw)
-    sums = torch.empty((2, n, c), dtype=torch.float32, device=x.device)
-    _bcn_backward_sums_kernel[_rows_grid(n * c, hw, launch, False)](dy, x, sums, n * c, hw, **launch)
-    coef = torch.empty((3, n, c), dtype=torch.float32, device=x.device)
-    d_bnw = torch.empty(c, dtype=torch.float32, device=x.device)
-    d_bnb = torch.empty_like(d_bnw)
-    d_gamma = torch.empty(groups, dtype=torch.float32, device=x.device)
-    d_beta = torch.empty_like(d_gamma)
+    # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
+    workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
+    _bcn_backward_sums_kernel[_rows_grid(n * c, hw, launch, False)](dy, x, workspace, n * c, hw, **launch)
     _bcn_backward_finalize_kernel[(groups,)](
-        sums, mean, var, stat, bn_weight, bn_bias, gamma, mu, rstd, coef, d_bnw, d_bnb, d_gamma, d_beta,
-        n, c, groups, hw, **_group_launch(c // groups),
+        workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw,
+        **_group_launch(c // groups),
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](dy, x, dx, coef, n * c, hw, TWO_INPUTS=True, **launch)
-    return dx, d_bnw, d_bnb, d_gamma, d_beta
+    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
+    return (dx, *workspace[5 * n * c :].split([c, c, groups, groups]))

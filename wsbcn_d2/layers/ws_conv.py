@@ -70,28 +70,35 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return _Standardize.apply(w, eps).view_as(weight).to(weight.dtype)
 
 
-class _StandardizeRows(torch.autograd.Function):
-    """WS of several weights at once, flattened into one buffer (Triton kernels).
+class _StandardizeGroup(torch.autograd.Function):
+    """WS of several weights at once, through one flat buffer and the Triton row kernels.
 
+    One autograd node for all the weights (no per-weight split or view nodes).
     When its backward runs, the group's standardized weights have been consumed
     by a backward pass and the group computes new ones on the next forward.
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, row_start, row_len, eps: float, group_ref, token):
+    def forward(ctx, row_start, row_len, eps: float, group_ref, token, *weights: torch.Tensor):
+        flat = torch.cat([w.reshape(-1) for w in weights])
         w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps)
         ctx.save_for_backward(w_hat, std, row_start, row_len)
         ctx.eps, ctx.group_ref, ctx.token = eps, group_ref, token
-        return w_hat
+        ctx.shapes = [w.shape for w in weights]
+        outputs = w_hat.to(weights[0].dtype).split([w.numel() for w in weights])
+        return tuple(out.view(w.shape) for out, w in zip(outputs, weights))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor):
         group = ctx.group_ref()
         if group is not None:
             group.release(ctx.token)
-        grad = triton_kernels.ws_rows_backward(grad, *ctx.saved_tensors, ctx.eps)
-        return grad, None, None, None, None, None
+        w_hat, std, row_start, row_len = ctx.saved_tensors
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        grad = triton_kernels.ws_rows_backward(flat_grad, w_hat, std, row_start, row_len, ctx.eps)
+        grad = grad.to(grads[0].dtype).split([math.prod(shape) for shape in ctx.shapes])
+        return (None, None, None, None, None, *(g.view(shape) for g, shape in zip(grad, ctx.shapes)))
 
 
 class WSConvGroup:
@@ -149,11 +156,9 @@ class WSConvGroup:
         for convs in members.values():
             weights = [conv.weight for conv in convs]
             row_start, row_len = self._row_table(weights)
-            flat = torch.cat([w.reshape(-1) for w in weights])
-            w_hat = _StandardizeRows.apply(flat, row_start, row_len, self.eps, weakref.ref(self), self._token)
-            w_hat = w_hat.to(weights[0].dtype)
-            for conv, w, view in zip(convs, weights, w_hat.split([w.numel() for w in weights])):
-                self._views[conv] = (view.view_as(w), w, w._version)
+            outputs = _StandardizeGroup.apply(row_start, row_len, self.eps, weakref.ref(self), self._token, *weights)
+            for conv, w, out in zip(convs, weights, outputs):
+                self._views[conv] = (out, w, w._version)
 
     def _row_table(self, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Start and length of every output channel's row in the flat buffer (cached per layout)."""

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU check (`make gpu-check`): the layer tests with the Triton kernels compiled on CUDA
+# (full-size shapes included) and a CUDA training step through both code paths, then
+# tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32 and under bfloat16
+# autocast, and at 800 px through the torch code (WSBCN_TRITON=0) for comparison. The tables
+# land in $GPU_CHECK_OUT; the exit status is the tests' (the benchmarks run either way).
+# Environment: PYTHON (default python3), GPU_CHECK_OUT (default docs/gpu), GPU_CHECK_REPS (20).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${GPU_CHECK_OUT:-docs/gpu}
+REPS=${GPU_CHECK_REPS:-20}
+mkdir -p "$OUT"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA device'" || exit 1
+
+"$PY" -m pytest tests/layers tests/modeling/test_triton_model.py -q -p no:cacheprovider
+tests=$?
+
+bench() {  # NAME ARGS...
+    local name=$1
+    shift
+    "$PY" tools/benchmark.py --device cuda --images 2 --variants GN GN+WS BCN+WS --warmup 3 \
+        --json "$OUT/$name.json" --markdown "$OUT/$name.md" "$@" || tests=1
+}
+bench benchmark_fp32 --sizes 800 1333 --reps "$REPS"
+bench benchmark_bf16 --sizes 800 1333 --reps "$REPS" --amp
+WSBCN_TRITON=0 bench benchmark_fp32_torch_code --sizes 800 --reps 5
+echo "gpu-check: tests exit status $tests; tables in $OUT/"
+exit $tests
