@@ -228,7 +228,7 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
             return
         mean_sum, dist_sum, total = stats.split([self.num_features, self.num_features, 1])
         dtype = self.running_mean.dtype  # the estimates keep their own dtype
-        rate = (self.update_rate * (total > 0)).to(dtype)  # no update when no process saw a sample
+        rate = (total > 0).to(dtype) * self.update_rate  # no update when no process saw a sample
         total = total.clamp(min=1)
         self.running_mean.lerp_((mean_sum / total).to(dtype), rate)
         self.running_var.lerp_((dist_sum / total).to(dtype), rate)

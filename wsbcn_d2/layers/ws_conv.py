@@ -62,9 +62,9 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Return ``(W - mean) / (std + eps)`` per output channel, computed in float32 or wider.
 
     Differentiable: gradients reach the raw weight through the standardization.
-    A constant filter has std 0: its output is float32 rounding noise of the
-    mean times ``1 / (std + eps)`` (about ``1e-7 * |W| / eps``), and its gradient
-    ``(g - mean(g)) / eps`` is finite, not NaN.
+    A constant filter has std 0 up to rounding: its output is float32 rounding
+    noise of the mean times ``1 / (std + eps)`` (about ``1e-7 * |W| / eps``), and
+    its gradient is about ``(g - mean(g)) / eps``: large, but finite, not NaN.
     """
     w = weight.to(torch.promote_types(weight.dtype, torch.float32)).flatten(1)
     return _Standardize.apply(w, eps).view_as(weight).to(weight.dtype)
