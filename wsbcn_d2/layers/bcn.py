@@ -256,7 +256,10 @@ class BatchChannelNorm2d(nn.GroupNorm):
     a frozen step, large-batch BCN in eval) it is a per-channel affine, and
     the two steps run fused (:class:`_AffineGroupNorm`): the same function,
     computed in about the passes of a group norm and keeping only the input
-    for the backward, as a group norm does.
+    for the backward, as a group norm does. On CUDA they run in Triton kernels
+    (:func:`triton_kernels.bcn_forward`), estimate update included. The output
+    has the dtype a group norm would return (:func:`group_norm_output_dtype`);
+    statistics are float32 or wider, the estimates keep their own dtype.
     """
 
     def __init__(
