@@ -187,7 +187,7 @@ class Trainer(DefaultTrainer):
         if isinstance(sampler, ResumableBatchSampler):
             sampler.start_iter = self.start_iter
             if self.start_iter > 0:
-                logger.info(f"Training data resumes at iteration {self.start_iter} of the stream seeded {sampler.seed}.")
+                logger.info(f"Training data resumes at iteration {self.start_iter} (stream seed {sampler.seed}).")
         return super().train()
 
     @classmethod
@@ -199,16 +199,16 @@ class Trainer(DefaultTrainer):
         """
         args = build_detection_train_loader.from_config(cfg)
         if type(args["sampler"]) is not TrainingSampler:
-            logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run restarts its stream.")
+            logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run restarts its data.")
             return build_detection_train_loader(**args)
-        world_size = comm.get_world_size()
-        if args["total_batch_size"] % world_size != 0:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH {args['total_batch_size']} must divide among {world_size} processes")
+        total, world_size = args["total_batch_size"], comm.get_world_size()
+        if total % world_size != 0:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH {total} must divide among {world_size} processes.")
         dicts = args["dataset"]
         grouping = args["aspect_ratio_grouping"]
         sampler = ResumableBatchSampler(
             [int(d["width"] > d["height"]) if grouping else 0 for d in dicts],
-            args["total_batch_size"] // world_size,
+            total // world_size,
             seed=cfg.SEED if cfg.SEED >= 0 else None,
         )
         return torchdata.DataLoader(
