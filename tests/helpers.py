@@ -9,6 +9,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.layers import BatchChannelNorm2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -79,3 +80,15 @@ def assert_train_net_fails_cleanly(tmp_path, args, expected_substrings) -> str:
     for name, content in SENTINELS.items():
         assert (out / name).read_bytes() == content, f"{name} of the previous run was changed"
     return last
+
+
+def randomized_bcn(channels: int, groups: int, estimate: bool = True, rate: float = 0.3) -> BatchChannelNorm2d:
+    """A BCN with random affine parameters and estimates (seeded)."""
+    torch.manual_seed(0)
+    module = BatchChannelNorm2d(channels, num_groups=groups, estimate=estimate, update_rate=rate)
+    with torch.no_grad():
+        for t in (module.weight, module.bias, module.batch_norm.weight, module.batch_norm.bias):
+            t.uniform_(-1.5, 1.5)
+        module.batch_norm.running_mean.uniform_(-1, 1)
+        module.batch_norm.running_var.uniform_(0.5, 2)
+    return module

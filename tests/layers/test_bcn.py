@@ -3,6 +3,7 @@ import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 
+import helpers
 from wsbcn_d2.layers import BatchChannelNorm2d
 
 C, G = 8, 4
@@ -48,14 +49,7 @@ class ReferenceBCN:
 
 
 def randomized_bcn(estimate: bool, rate: float = 0.3) -> BatchChannelNorm2d:
-    torch.manual_seed(0)
-    module = BatchChannelNorm2d(C, num_groups=G, estimate=estimate, update_rate=rate)
-    with torch.no_grad():
-        for t in (module.weight, module.bias, module.batch_norm.weight, module.batch_norm.bias):
-            t.uniform_(-1.5, 1.5)
-        module.batch_norm.running_mean.uniform_(-1, 1)
-        module.batch_norm.running_var.uniform_(0.5, 2)
-    return module
+    return helpers.randomized_bcn(C, G, estimate, rate)
 
 
 @pytest.mark.parametrize("estimate", [True, False])

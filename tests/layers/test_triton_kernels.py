@@ -12,6 +12,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
+import helpers
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, WSConvGroup, triton_kernels
 from wsbcn_d2.layers.bcn import group_norm_output_dtype
 
@@ -54,8 +55,8 @@ def ws_convs(seed: int = 0, dtype=torch.float32):
     return convs
 
 
-def test_ws_group_matches_float64_formula(kernels):
-    convs = ws_convs()
+def check_group_against_formula(convs) -> None:
+    """One group's standardized weights and weight gradients against the float64 formula."""
     WSConvGroup(convs)
     weights = [conv.standardized_weight() for conv in convs]
     grads = [torch.randn_like(w) for w in weights]
@@ -66,6 +67,10 @@ def test_ws_group_matches_float64_formula(kernels):
         (ref * g.double()).sum().backward()
         torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ws_group_matches_float64_formula(kernels):
+    check_group_against_formula(ws_convs())
 
 
 def test_ws_group_runs_one_kernel_per_pass(kernels, monkeypatch):
@@ -165,14 +170,7 @@ def test_ws_group_under_ddp(kernels, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- BCN
 def randomized_bcn(channels: int, groups: int, estimate: bool = True, rate: float = 0.3) -> BatchChannelNorm2d:
-    torch.manual_seed(0)
-    module = BatchChannelNorm2d(channels, num_groups=groups, estimate=estimate, update_rate=rate)
-    with torch.no_grad():
-        for t in (module.weight, module.bias, module.batch_norm.weight, module.batch_norm.bias):
-            t.uniform_(-1.5, 1.5)
-        module.batch_norm.running_mean.uniform_(-1, 1)
-        module.batch_norm.running_var.uniform_(0.5, 2)
-    return module.to(DEVICE)
+    return helpers.randomized_bcn(channels, groups, estimate, rate).to(DEVICE)
 
 
 def bcn_state(module: BatchChannelNorm2d) -> dict:
@@ -264,16 +262,7 @@ cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compi
 def test_ws_group_full_size_resnet_weights():
     shapes = [(64, 3, 7, 7), (256, 64, 1, 1), (512, 512, 3, 3), (2048, 512, 1, 1), (256, 256, 3, 3), (512, 4608, 1, 1)]
     torch.manual_seed(0)
-    convs = [WSConv2d(i, o, k, bias=False).to(DEVICE) for o, i, k, _ in shapes]
-    WSConvGroup(convs)
-    weights = [conv.standardized_weight() for conv in convs]
-    grads = [torch.randn_like(w) for w in weights]
-    sum((w * g).sum() for w, g in zip(weights, grads)).backward()
-    for conv, w, g in zip(convs, weights, grads):
-        w64 = conv.weight.detach().double().requires_grad_()
-        (reference_standardize(w64) * g.double()).sum().backward()
-        torch.testing.assert_close(w.double(), reference_standardize(w64.detach()), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    check_group_against_formula([WSConv2d(i, o, k, bias=False).to(DEVICE) for o, i, k, _ in shapes])
 
 
 # a res2 map of an 800x1067 image pair, a res5 map, and the box head's 7x7 maps of 1024 RoIs
