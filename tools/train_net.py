@@ -14,9 +14,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.checkpoint import check_weights
 from wsbcn_d2.config import validate_wsbcn_config
-from wsbcn_d2.modeling import check_ws_coverage
-from wsbcn_d2.checkpoint import WSBCNCheckpointer, check_weights
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
 from wsbcn_d2.engine import Trainer
 
@@ -71,18 +70,12 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        check_ws_coverage(model, cfg)
-        checkpointer = WSBCNCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL
-        )
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        Trainer.build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
-    trainer.checkpointer.allow_partial_backbone = cfg.MODEL.WEIGHTS_ALLOW_PARTIAL
-    check_ws_coverage(trainer.model, cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

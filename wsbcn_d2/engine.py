@@ -31,6 +31,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
+from .modeling import check_ws_coverage
 
 __all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "derive_seed"]
 
@@ -170,11 +171,25 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = WSBCNCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """detectron2's model, with a warning where WS is enabled but some normed conv lacks it."""
+        model = super().build_model(cfg)
+        check_ws_coverage(model, cfg)
+        return model
+
+    @staticmethod
+    def build_checkpointer(cfg: CfgNode, model: torch.nn.Module, **checkpointables) -> WSBCNCheckpointer:
+        """The checkpointer of training and evaluation (``MODEL.WEIGHTS_ALLOW_PARTIAL`` applied)."""
+        return WSBCNCheckpointer(
+            model, cfg.OUTPUT_DIR, allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL, **checkpointables
+        )
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         hooks = super().build_hooks()

@@ -157,10 +157,11 @@ if triton is not None:
                 sum_dist += tl.sum(var + d_old * d_old, axis=0)
             rm = rm + rate * (sum_mean / N - rm)
             rv = rv + rate * (sum_dist / N - rv)
+            # normalize with the estimates as stored (rounded to their dtype), kept in registers
+            rm = rm.to(rm_ptr.dtype.element_ty).to(tl.float32)
+            rv = rv.to(rv_ptr.dtype.element_ty).to(tl.float32)
             tl.store(rm_ptr + ch, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
             tl.store(rv_ptr + ch, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
-            rm = tl.load(rm_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)  # as stored (estimate dtype)
-            rv = tl.load(rv_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
         inv_std = 1.0 / tl.sqrt(rv + bn_eps)
         scale = tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std
         shift = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) - rm * scale
