@@ -13,7 +13,6 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
-    create_ddp_model,
     default_argument_parser,
     default_setup,
     default_writers,
@@ -26,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
+from wsbcn_d2.engine import create_ddp_model
 
 logger = logging.getLogger("detectron2")
 

@@ -24,7 +24,8 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -33,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import WSBCNCheckpointer
 from .modeling import check_ws_coverage
 
-__all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "derive_seed"]
+__all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "create_ddp_model", "derive_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,13 @@ class IterationSeed(HookBase):
         seed_all_rng(derive_seed(self._seed, _ITERATION_KEY, comm.get_rank(), self.trainer.iter))
 
 
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model``, also for CPU models (GLOO): ``device_ids`` only for CUDA models."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return d2_create_ddp_model(model, **kwargs)
+
+
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with:
 
@@ -167,8 +175,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
