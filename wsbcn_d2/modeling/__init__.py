@@ -9,6 +9,7 @@ from .wsbcn import (
     check_ws_coverage,
     normed_convs,
     resolve_cfg_norm,
+    standardize_from_cfg,
     standardize_normed_convs,
     with_resolved_norms,
     ws_eps_from_cfg,

@@ -13,7 +13,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from .wsbcn import resolve_cfg_norm, standardize_normed_convs, with_resolved_norms, ws_eps_from_cfg
+from .wsbcn import resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = ["build_ws_resnet_backbone", "build_ws_resnet_fpn_backbone", "build_ws_retinanet_resnet_fpn_backbone"]
 
@@ -23,10 +23,7 @@ _NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM")
 def _build(d2_builder: Callable[[CfgNode, ShapeSpec], Backbone], cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
     """``d2_builder`` with the plugin's norms in RESNETS.NORM and FPN.NORM, then WS."""
     backbone = d2_builder(with_resolved_norms(cfg, {k: resolve_cfg_norm(cfg, k) for k in _NORM_KEYS}), input_shape)
-    eps = ws_eps_from_cfg(cfg)
-    if eps is not None:
-        standardize_normed_convs(backbone, eps)
-    return backbone
+    return standardize_from_cfg(backbone, cfg)
 
 
 @BACKBONE_REGISTRY.register()

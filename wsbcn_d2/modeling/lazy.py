@@ -11,6 +11,7 @@ path::
     model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
     model.meta_arch, model._target_ = model._target_, build_ws_model
 """
+import math
 from typing import Any, Callable, Union
 
 from detectron2.utils.registry import locate
@@ -31,8 +32,8 @@ def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: floa
 
     Logs a warning when the model has normed convs WS cannot convert, or none at all.
     """
-    if ws_eps <= 0:
-        raise ValueError(f"ws_eps must be > 0, got {ws_eps}")
+    if not (math.isfinite(ws_eps) and ws_eps > 0):
+        raise ValueError(f"ws_eps must be a finite number > 0, got {ws_eps}")
     model = (locate(meta_arch) if isinstance(meta_arch, str) else meta_arch)(**kwargs)
     standardize_normed_convs(model, ws_eps)
     check_ws_coverage(model)

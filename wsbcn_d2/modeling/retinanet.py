@@ -22,7 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import nn
 
-from .wsbcn import Norm, resolve_cfg_norm, standardize_normed_convs, with_resolved_norms, ws_eps_from_cfg
+from .wsbcn import Norm, resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = ["WSRetinaNet"]
 
@@ -65,7 +65,5 @@ class WSRetinaNet(RetinaNet):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
         ret = super().from_config(with_resolved_norms(cfg, {_NORM_KEY: _head_norm(cfg)}))
-        eps = ws_eps_from_cfg(cfg)
-        if eps is not None:
-            standardize_normed_convs(ret["head"], eps)
+        standardize_from_cfg(ret["head"], cfg)
         return ret

@@ -19,7 +19,7 @@ from detectron2.modeling.roi_heads import (
     Res5ROIHeads,
 )
 
-from .wsbcn import WSHeadMixin, resolve_cfg_norm, standardize_normed_convs, with_resolved_norms, ws_eps_from_cfg
+from .wsbcn import WSHeadMixin, resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead", "WSRes5ROIHeads"]
 
@@ -50,7 +50,5 @@ class WSRes5ROIHeads(Res5ROIHeads):
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
         norm = {"MODEL.RESNETS.NORM": resolve_cfg_norm(cfg, "MODEL.RESNETS.NORM")}
         ret = super().from_config(with_resolved_norms(cfg, norm), input_shape)
-        eps = ws_eps_from_cfg(cfg)
-        if eps is not None:
-            standardize_normed_convs(ret["res5"], eps)
+        standardize_from_cfg(ret["res5"], cfg)
         return ret

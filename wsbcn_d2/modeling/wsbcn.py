@@ -28,6 +28,7 @@ __all__ = [
     "check_ws_coverage",
     "normed_convs",
     "resolve_cfg_norm",
+    "standardize_from_cfg",
     "standardize_normed_convs",
     "with_resolved_norms",
     "ws_eps_from_cfg",
@@ -82,6 +83,14 @@ def with_resolved_norms(cfg: CfgNode, norms: Dict[str, Norm]) -> CfgNode:
         node_key, _, leaf = key.rpartition(".")
         dict.__setitem__(cfg_value(cfg, node_key), leaf, norm)
     return cfg
+
+
+def standardize_from_cfg(module: nn.Module, cfg: CfgNode) -> nn.Module:
+    """:func:`standardize_normed_convs` on ``module`` with ``MODEL.WS.EPS``, if WS is enabled; returns ``module``."""
+    eps = ws_eps_from_cfg(cfg)
+    if eps is not None:
+        standardize_normed_convs(module, eps)
+    return module
 
 
 def ws_eps_from_cfg(cfg: CfgNode) -> Optional[float]:
