@@ -218,6 +218,26 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode)
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bcn_kernels_under_no_grad_match_torch_path(kernels, monkeypatch, training):
+    # no_grad calls the kernels without the autograd function: same output, same estimate update
+    module = randomized_bcn(16, 4).train(training)
+    reference = copy.deepcopy(module).double()
+    initial_mean = module.batch_norm.running_mean.clone()
+    for step in range(2):
+        x = torch.randn(2, 16, 5, 3, device=DEVICE) * 2 + step
+        with torch.no_grad():
+            out = module(x)
+            with monkeypatch.context() as m:
+                torch_path(m)
+                expected = reference(x.double())
+        assert out.grad_fn is None
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+        for key, value in bcn_state(module).items():
+            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+    assert torch.equal(module.batch_norm.running_mean, initial_mean) != training  # updated in training only
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bcn_kernels_half_inputs(kernels, dtype):
     module = randomized_bcn(16, 4)

@@ -158,12 +158,9 @@ class _TritonBCN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x, bn_weight, bn_bias, weight, bias, running_mean, running_var, bn_eps, eps, rate, update, out_dtype
-    ):
-        y, saved = triton_kernels.bcn_forward(
-            x, bn_weight, bn_bias, running_mean, running_var, weight, bias, bn_eps, eps, rate, update, out_dtype
-        )
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *args):
+        # the arguments of triton_kernels.bcn_forward; args: the eps, rate, update and dtype ones
+        y, saved = triton_kernels.bcn_forward(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *args)
         ctx.save_for_backward(*saved, bn_weight, bn_bias, weight)
         ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype)
         return y
@@ -173,8 +170,10 @@ class _TritonBCN(torch.autograd.Function):
     def backward(ctx, dy):
         *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
         dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
-        grads = (g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return (dx, *grads, None, None, None, None, None, None, None)
+        d_bn_weight, d_bn_bias, d_weight, d_bias = (
+            g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+        )
+        return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, None, None, None, None, None, None
 
 
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
@@ -332,10 +331,13 @@ class BatchChannelNorm2d(nn.GroupNorm):
             if update and comm.get_world_size() > 1:
                 sync = functools.partial(bn.update_estimates, spatial_size=spatial_size)
             rate = bn.update_rate if update else 0.0
-            return _TritonBCN.apply(
-                x, bn.weight, bn.bias, self.weight, self.bias, bn.running_mean, bn.running_var,
+            args = (
+                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias,
                 bn.eps, self.eps, rate, sync, out_dtype,
             )  # fmt: skip
+            if not torch.is_grad_enabled():  # inference: skip the autograd function's host overhead
+                return triton_kernels.bcn_forward(*args)[0]
+            return _TritonBCN.apply(*args)
         mean, var = channel_moments(x)
         if update:
             bn.update_estimates(mean, var, spatial_size)

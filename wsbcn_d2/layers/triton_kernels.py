@@ -19,6 +19,7 @@ against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
 Statistics are computed in float32 whatever the input dtype. Set
 ``WSBCN_TRITON=0`` to use the torch code on CUDA too (for comparisons).
 """
+import functools
 import math
 import os
 from typing import Callable, Optional, Tuple
@@ -316,20 +317,26 @@ def ws_rows_backward(
     return out
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# Launch configurations are plain-int arithmetic, cached per shape: triton.cdiv and
+# triton.next_power_of_2 are jit functions whose calls cost microseconds of host time each,
+# and a detection step is host-bound on a GPU (about 130 BCN calls per step).
+@functools.lru_cache(maxsize=None)
 def _group_launch(channels_per_group: int) -> dict:
-    block_c = triton.next_power_of_2(channels_per_group)
+    block_c = _next_power_of_2(channels_per_group)
     return dict(CG=channels_per_group, BLOCK_N=max(1, 256 // block_c), BLOCK_C=block_c, num_warps=2)
 
 
-def _rows_launch(hw: int) -> dict:
-    """Tiles of ROWS x BLOCK elements (1024 at most) over (N * C, HW)."""
-    block = min(1024, triton.next_power_of_2(hw))
-    return dict(ROWS=1024 // block, BLOCK=block, num_warps=4)
-
-
-def _rows_grid(num_rows: int, hw: int, launch: dict, split_hw: bool) -> Tuple[int, ...]:
-    rows = triton.cdiv(num_rows, launch["ROWS"])
-    return (rows, triton.cdiv(hw, launch["BLOCK"])) if split_hw else (rows,)
+@functools.lru_cache(maxsize=4096)
+def _rows_launch(num_rows: int, hw: int) -> Tuple[dict, Tuple[int], Tuple[int, int]]:
+    """Tiles of ROWS x BLOCK elements (1024 at most) over (N * C, HW): ``(launch, grid, grid split over HW)``."""
+    block = min(1024, _next_power_of_2(hw))
+    launch = dict(ROWS=1024 // block, BLOCK=block, num_warps=4)
+    rows = -(-num_rows // launch["ROWS"])
+    return launch, (rows,), (rows, -(-hw // block))
 
 
 def bcn_forward(
@@ -359,8 +366,8 @@ def bcn_forward(
     # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T, the (2, C)
     # estimates used (mean, 1 / sqrt(var + eps)) and the (N, G) group mean and 1 / std
     workspace = torch.empty(4 * n * c + 2 * c + 2 * n * groups, dtype=torch.float32, device=x.device)
-    launch = _rows_launch(hw)
-    _bcn_moments_kernel[_rows_grid(n * c, hw, launch, False)](x, workspace, n * c, hw, **launch)
+    launch, grid, grid_split = _rows_launch(n * c, hw)
+    _bcn_moments_kernel[grid](x, workspace, n * c, hw, **launch)
     if update is not None:
         update(workspace[: n * c].view(n, c), workspace[n * c : 2 * n * c].view(n, c))
     _bcn_forward_finalize_kernel[(groups,)](
@@ -369,7 +376,7 @@ def bcn_forward(
         UPDATE=update is None and update_rate > 0, **_group_launch(c // groups),
     )  # fmt: skip
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
+    _bcn_apply_kernel[grid_split](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
     return y, (x, workspace)
 
 
@@ -387,14 +394,21 @@ def bcn_backward(
     groups = gamma.numel()
     hw = math.prod(x.shape[2:])
     dy = dy.contiguous()
-    launch = _rows_launch(hw)
+    launch, grid, grid_split = _rows_launch(n * c, hw)
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
-    _bcn_backward_sums_kernel[_rows_grid(n * c, hw, launch, False)](dy, x, workspace, n * c, hw, **launch)
+    _bcn_backward_sums_kernel[grid](dy, x, workspace, n * c, hw, **launch)
     _bcn_backward_finalize_kernel[(groups,)](
         workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw,
         **_group_launch(c // groups),
     )  # fmt: skip
     dx = torch.empty_like(x)
-    _bcn_apply_kernel[_rows_grid(n * c, hw, launch, True)](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
-    return (dx, *workspace[5 * n * c :].split([c, c, groups, groups]))
+    _bcn_apply_kernel[grid_split](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
+    grads = 5 * n * c  # slices, not Tensor.split: its symbolic-shape checks cost host time
+    return (
+        dx,
+        workspace[grads : grads + c],
+        workspace[grads + c : grads + 2 * c],
+        workspace[grads + 2 * c : grads + 2 * c + groups],
+        workspace[grads + 2 * c + groups :],
+    )
