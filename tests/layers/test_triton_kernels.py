@@ -129,6 +129,37 @@ def test_ws_group_training_equals_per_conv_path(kernels, monkeypatch, schedule):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
 
 
+def count_nodes(output: torch.Tensor, name: str) -> int:
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(type(node).__name__ == name for node in seen)
+
+
+def test_ws_group_under_autocast_equals_per_conv_path(kernels, monkeypatch):
+    # the group emits autocast's dtype (one cast for all convs instead of a cast node per conv);
+    # a forward without autocast before the backward gets float32 weights again
+    def run():
+        model = tiny_model()
+        x = torch.randn(2, 3, 9, 7, device=DEVICE)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            weight = model[1].standardized_weight()
+            out = model(x)
+        plain = model(x)
+        (out.float().square().mean() + plain.square().mean()).backward()
+        return weight.dtype, count_nodes(out, "ToCopyBackward0"), [out, plain] + [p.grad for p in model.parameters()]
+
+    dtype, casts, got = run()
+    torch_path(monkeypatch)
+    _, ref_casts, expected = run()
+    assert dtype == torch.bfloat16 and casts == ref_casts - 3
+    for a, b in zip(got, expected):  # bf16 convs: rounding of the weights may differ by one ulp
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_ws_group_skips_frozen_convs(kernels):
     model = tiny_model()
     model[0].weight.requires_grad_(False)

@@ -19,7 +19,7 @@ from detectron2.layers import Conv2d
 
 from . import triton_kernels
 
-__all__ = ["WSConv2d", "WSConvGroup", "export_error", "standardize_weight"]
+__all__ = ["WSConv2d", "WSConvGroup", "conv_compute_dtype", "export_error", "standardize_weight"]
 
 
 class _Standardize(torch.autograd.Function):
@@ -70,22 +70,33 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return _Standardize.apply(w, eps).view_as(weight).to(weight.dtype)
 
 
+def conv_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution computes with ``weight`` in: autocast's if enabled, else the weight's."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 class _StandardizeGroup(torch.autograd.Function):
     """WS of several weights at once, through one flat buffer and the Triton row kernels.
 
     One autograd node for all the weights (no per-weight split or view nodes).
-    When its backward runs, the group's standardized weights have been consumed
-    by a backward pass and the group computes new ones on the next forward.
+    The standardized weights come out in ``out_dtype`` (under autocast, the
+    dtype the convs compute in: one cast of the flat buffer instead of one per
+    conv); the gradients go back in the weights' dtype. When its backward runs,
+    the group's standardized weights have been consumed by a backward pass and
+    the group computes new ones on the next forward.
     """
 
     @staticmethod
-    def forward(ctx, row_start, row_len, eps: float, group_ref, token, *weights: torch.Tensor):
+    def forward(ctx, row_start, row_len, eps: float, out_dtype, group_ref, token, *weights: torch.Tensor):
         flat = torch.cat([w.reshape(-1) for w in weights])
         w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps)
         ctx.save_for_backward(w_hat, std, row_start, row_len)
         ctx.eps, ctx.group_ref, ctx.token = eps, group_ref, token
-        ctx.shapes = [w.shape for w in weights]
-        outputs = w_hat.to(weights[0].dtype).split([w.numel() for w in weights])
+        ctx.shapes, ctx.weight_dtype = [w.shape for w in weights], weights[0].dtype
+        outputs = w_hat.to(out_dtype).split([w.numel() for w in weights])
         return tuple(out.view(w.shape) for out, w in zip(outputs, weights))
 
     @staticmethod
@@ -97,8 +108,8 @@ class _StandardizeGroup(torch.autograd.Function):
         w_hat, std, row_start, row_len = ctx.saved_tensors
         flat_grad = torch.cat([g.reshape(-1) for g in grads])
         grad = triton_kernels.ws_rows_backward(flat_grad, w_hat, std, row_start, row_len, ctx.eps)
-        grad = grad.to(grads[0].dtype).split([math.prod(shape) for shape in ctx.shapes])
-        return (None, None, None, None, None, *(g.view(shape) for g, shape in zip(grad, ctx.shapes)))
+        grad = grad.to(ctx.weight_dtype).split([math.prod(shape) for shape in ctx.shapes])
+        return (None, None, None, None, None, None, *(g.view(shape) for g, shape in zip(grad, ctx.shapes)))
 
 
 class WSConvGroup:
@@ -114,7 +125,9 @@ class WSConvGroup:
     forwards before one backward (gradient accumulation) share it, and a
     forward after a backward gets fresh weights. Frozen members, eval and
     ``no_grad`` use each conv's own cache; CPU tensors use the per-conv torch
-    path. Gradients are the same as per conv.
+    path. Gradients are the same as per conv. Under autocast the standardized
+    weights come out in the dtype the convs compute in (one cast for the group,
+    not one per conv), from the same float32 standardization.
     """
 
     def __init__(self, convs: Sequence["WSConv2d"]):
@@ -134,9 +147,12 @@ class WSConvGroup:
         return {**self.__dict__, "_views": {}, "_token": None}
 
     def standardized_weight(self, conv: "WSConv2d") -> torch.Tensor:
-        """``conv``'s standardized weight, from the group's current result (computed if stale)."""
+        """``conv``'s standardized weight, in :func:`conv_compute_dtype`, from the group's current
+        result (computed if stale)."""
+        w = conv.weight
+        dtype = conv_compute_dtype(w)
         entry = self._views.get(conv)
-        if entry is None or entry[1] is not conv.weight or entry[2] != conv.weight._version:
+        if entry is None or entry[1] is not w or entry[2] != w._version or entry[0].dtype != dtype:
             self._standardize()
             entry = self._views[conv]
         return entry[0]
@@ -156,7 +172,10 @@ class WSConvGroup:
         for convs in members.values():
             weights = [conv.weight for conv in convs]
             row_start, row_len = self._row_table(weights)
-            outputs = _StandardizeGroup.apply(row_start, row_len, self.eps, weakref.ref(self), self._token, *weights)
+            out_dtype = conv_compute_dtype(weights[0])
+            outputs = _StandardizeGroup.apply(
+                row_start, row_len, self.eps, out_dtype, weakref.ref(self), self._token, *weights
+            )
             for conv, w, out in zip(convs, weights, outputs):
                 self._views[conv] = (out, w, w._version)
 
