@@ -249,19 +249,23 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode)
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("why", ["no_grad", "frozen_parameters"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bcn_kernels_under_no_grad_match_torch_path(kernels, monkeypatch, training):
-    # no_grad calls the kernels without the autograd function: same output, same estimate update
+def test_bcn_kernels_without_gradients_match_torch_path(kernels, monkeypatch, training, why):
+    # with nothing to differentiate the kernels run without the autograd function:
+    # same output, same estimate update
     module = randomized_bcn(16, 4).train(training)
     reference = copy.deepcopy(module).double()
     initial_mean = module.batch_norm.running_mean.clone()
+    if why == "frozen_parameters":
+        module.requires_grad_(False)
     for step in range(2):
         x = torch.randn(2, 16, 5, 3, device=DEVICE) * 2 + step
-        with torch.no_grad():
+        with torch.set_grad_enabled(why != "no_grad"):
             out = module(x)
-            with monkeypatch.context() as m:
-                torch_path(m)
-                expected = reference(x.double())
+        with torch.no_grad(), monkeypatch.context() as m:
+            torch_path(m)
+            expected = reference(x.double())
         assert out.grad_fn is None
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
         for key, value in bcn_state(module).items():

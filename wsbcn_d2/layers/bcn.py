@@ -335,9 +335,10 @@ class BatchChannelNorm2d(nn.GroupNorm):
                 x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias,
                 bn.eps, self.eps, rate, sync, out_dtype,
             )  # fmt: skip
-            if not torch.is_grad_enabled():  # inference: skip the autograd function's host overhead
-                return triton_kernels.bcn_forward(*args)[0]
-            return _TritonBCN.apply(*args)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
+                return _TritonBCN.apply(*args)
+            # inference, frozen stages: no autograd function and its host overhead
+            return triton_kernels.bcn_forward(*args)[0]
         mean, var = channel_moments(x)
         if update:
             bn.update_estimates(mean, var, spatial_size)
