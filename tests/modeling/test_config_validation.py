@@ -52,3 +52,13 @@ def test_every_bad_value_is_named(opts, expected):
     assert "\n" not in message
     for text in expected:
         assert text in message, message
+
+
+def test_precise_bn_is_refused_with_micro_batch_bcn():
+    # fvcore's precise BN averages running stats under momentum 1; BCN's estimates update by their own rate
+    validate_wsbcn_config(load_config(GN_WS, "TEST.PRECISE_BN.ENABLED", True))  # no batch norm: nothing to refuse
+    bcn_ws = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
+    validate_wsbcn_config(load_config(bcn_ws))
+    with pytest.raises(ValueError, match=r"TEST.PRECISE_BN.ENABLED False.*") as e:
+        validate_wsbcn_config(load_config(bcn_ws, "TEST.PRECISE_BN.ENABLED", True))
+    assert "MODEL.RESNETS.NORM 'BCN'" in str(e.value)
