@@ -13,8 +13,8 @@ REPS=${GPU_CHECK_REPS:-20}
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA device'" || exit 1
 
-"$PY" -m pytest tests/layers tests/modeling/test_triton_model.py -q -p no:cacheprovider
-tests=$?
+"$PY" -m pytest tests/layers tests/modeling/test_triton_model.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+tests=${PIPESTATUS[0]}
 
 bench() {  # NAME ARGS...
     local name=$1
@@ -25,5 +25,7 @@ bench() {  # NAME ARGS...
 bench benchmark_fp32 --sizes 800 1333 --reps "$REPS"
 bench benchmark_bf16 --sizes 800 1333 --reps "$REPS" --amp
 WSBCN_TRITON=0 bench benchmark_fp32_torch_code --sizes 800 --reps 5
-echo "gpu-check: tests exit status $tests; tables in $OUT/"
+# the tests' summary again last, so that a cut output still shows it
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log"
+echo "gpu-check: tests exit status $tests; tables in $OUT/, test log in $OUT/tests.log"
 exit $tests
