@@ -17,6 +17,7 @@ __all__ = [
     "add_wsbcn_config",
     "cfg_value",
     "check_norm_slots",
+    "check_precise_bn",
     "unreached_norm_slots",
     "used_norm_slots",
     "validate_wsbcn_config",
@@ -205,23 +206,31 @@ def check_norm_slots(cfg: CN) -> None:
             )
 
 
+def check_precise_bn(cfg: CN) -> None:
+    """Refuse ``TEST.PRECISE_BN.ENABLED`` with micro-batch BCN.
+
+    fvcore's ``update_bn_stats`` sets momentum 1 and averages the running
+    statistics after each batch; :class:`~wsbcn_d2.layers.EstimatedBatchNorm2d` updates its
+    estimates by its own rate, so the "precise" statistics would silently be wrong.
+    """
+    bcn_keys = [slot.key for slot in used_norm_slots(cfg) if slot.value(cfg) == "BCN"]
+    if cfg.TEST.PRECISE_BN.ENABLED and bcn_keys:
+        raise ValueError(
+            f"TEST.PRECISE_BN.ENABLED recomputes batch-norm statistics assuming torch's momentum update, "
+            f"which micro-batch BCN's estimates ({bcn_keys[0]} 'BCN') do not follow: set TEST.PRECISE_BN.ENABLED False"
+        )
+
+
 def validate_wsbcn_config(cfg: CN) -> None:
-    """Check ``cfg`` before any work: :func:`check_norm_slots`, TEST.PRECISE_BN against micro-batch
-    BCN, then a build on the meta device.
+    """Check ``cfg`` before any work: :func:`check_norm_slots`, :func:`check_precise_bn`, then a
+    build on the meta device.
 
     The build allocates nothing; it finds what depends on channel counts (a group
     count that does not divide a layer's channels) and raises it as a one-line
     ``ValueError`` naming the key. Run it before writing anything to OUTPUT_DIR.
     """
     check_norm_slots(cfg)
-    bcn_keys = [slot.key for slot in used_norm_slots(cfg) if slot.value(cfg) == "BCN"]
-    if cfg.TEST.PRECISE_BN.ENABLED and bcn_keys:
-        # fvcore's update_bn_stats sets momentum 1 and averages running stats; EstimatedBatchNorm2d
-        # updates by its own rate, so the "precise" statistics would silently be wrong
-        raise ValueError(
-            f"TEST.PRECISE_BN.ENABLED recomputes batch-norm statistics assuming torch's momentum update, "
-            f"which micro-batch BCN's estimates ({bcn_keys[0]} 'BCN') do not follow: set TEST.PRECISE_BN.ENABLED False"
-        )
+    check_precise_bn(cfg)
     with torch.device("meta"):
         META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
 

@@ -32,6 +32,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
+from .config import check_precise_bn
 from .modeling import check_ws_coverage
 
 __all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "create_ddp_model", "derive_seed"]
@@ -199,6 +200,7 @@ class Trainer(DefaultTrainer):
         )
 
     def build_hooks(self) -> List[Optional[HookBase]]:
+        check_precise_bn(self.cfg)  # before detectron2 adds its PreciseBN hook
         hooks = super().build_hooks()
         if self.cfg.SEED >= 0:
             hooks.insert(0, IterationSeed(self.cfg.SEED))

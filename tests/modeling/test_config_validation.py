@@ -1,9 +1,12 @@
 """Bad plugin values stop tools/train_net.py with one line naming the key, before anything is written
 (issue 11 items 4 and 6); validate_wsbcn_config names the key for every bad value."""
+import types
+
 import pytest
 
 from helpers import CONFIG_DIR, assert_train_net_fails_cleanly, load_config
 from wsbcn_d2.config import validate_wsbcn_config
+from wsbcn_d2.engine import Trainer
 
 DEMO = f"{CONFIG_DIR}/Demo/mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml"
 GN_WS = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_gn_ws.yaml"
@@ -59,6 +62,10 @@ def test_precise_bn_is_refused_with_micro_batch_bcn():
     validate_wsbcn_config(load_config(GN_WS, "TEST.PRECISE_BN.ENABLED", True))  # no batch norm: nothing to refuse
     bcn_ws = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
     validate_wsbcn_config(load_config(bcn_ws))
+    bad = load_config(bcn_ws, "TEST.PRECISE_BN.ENABLED", True)
     with pytest.raises(ValueError, match=r"TEST.PRECISE_BN.ENABLED False.*") as e:
-        validate_wsbcn_config(load_config(bcn_ws, "TEST.PRECISE_BN.ENABLED", True))
+        validate_wsbcn_config(bad)
     assert "MODEL.RESNETS.NORM 'BCN'" in str(e.value)
+    # a Trainer built without validate_wsbcn_config refuses it before detectron2 adds the PreciseBN hook
+    with pytest.raises(ValueError, match=r"TEST.PRECISE_BN.ENABLED False"):
+        Trainer.build_hooks(types.SimpleNamespace(cfg=bad))
