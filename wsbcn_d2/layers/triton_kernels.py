@@ -326,8 +326,11 @@ def _next_power_of_2(n: int) -> int:
 # and a detection step is host-bound on a GPU (about 130 BCN calls per step).
 @functools.lru_cache(maxsize=None)
 def _group_launch(channels_per_group: int) -> dict:
+    # 4 warps: with 1 or 2, triton 3.8's compiler segfaults on the backward group kernel for 4 to 32
+    # channels per group unless it may assume C % 16 == 0 and 16-byte aligned pointers (e.g. with
+    # 56 or 152 channels; found by tools/compile_kernels.py)
     block_c = _next_power_of_2(channels_per_group)
-    return dict(CG=channels_per_group, BLOCK_N=max(1, 256 // block_c), BLOCK_C=block_c, num_warps=2)
+    return dict(CG=channels_per_group, BLOCK_N=max(1, 256 // block_c), BLOCK_C=block_c, num_warps=4)
 
 
 @functools.lru_cache(maxsize=4096)

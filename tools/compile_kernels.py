@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Compile the Triton kernels for a CUDA GPU, without one, exactly as the launchers call them.
+
+CI runs the kernels through Triton's interpreter, which accepts some programs
+that Triton's compiler refuses. This runs the launchers of
+``wsbcn_d2/layers/triton_kernels.py`` (WS rows, BCN forward and backward) on
+small CPU tensors with every kernel launch recorded instead of run, then
+compiles each distinct recorded launch (argument types, constexprs, num_warps)
+ahead of time for the target architectures with Triton's compiler and ptxas,
+down to a cubin. Run it without ``TRITON_INTERPRET``.
+
+    .venv/bin/python tools/compile_kernels.py --arch 90 80
+"""
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from wsbcn_d2.layers import triton_kernels
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
+                  torch.int32: "*i32"}  # fmt: skip
+
+Launch = Tuple[str, Tuple[Tuple[str, str], ...], Tuple[Tuple[str, object], ...], Tuple[Tuple[str, object], ...]]
+"""(kernel name, ((argument, type), ...), ((constexpr, value), ...), ((option, value), ...))."""
+
+
+def _arg_type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
+    """The distinct kernel launches of the launchers over ResNet-like shapes and ``x_dtypes``."""
+    import triton
+
+    launches: Dict[Launch, None] = {}
+    kernels = {n: k for n, k in vars(triton_kernels).items() if isinstance(k, triton.runtime.jit.JITFunction)}
+
+    class Recorder:
+        def __init__(self, name: str):
+            self.name, self.kernel = name, kernels[name]
+
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                bound = dict(zip(self.kernel.arg_names, args), **kwargs)
+                params = {p.name: p for p in self.kernel.params}
+                signature = tuple(
+                    (n, "constexpr" if params[n].is_constexpr else _arg_type(v)) for n, v in bound.items() if n in params
+                )
+                constexprs = tuple((n, v) for n, v in bound.items() if n in params and params[n].is_constexpr)
+                options = tuple((n, v) for n, v in kwargs.items() if n not in params)
+                launches[(self.name, signature, constexprs, options)] = None
+
+            return record
+
+    saved = dict(kernels)
+    try:
+        for name in kernels:
+            setattr(triton_kernels, name, Recorder(name))
+        for dtype in x_dtypes:
+            _run_launchers(dtype)
+    finally:
+        for name, kernel in saved.items():
+            setattr(triton_kernels, name, kernel)
+    return list(launches)
+
+
+def _run_launchers(dtype: torch.dtype) -> None:
+    # WS: rows shorter and longer than a block; the gradient in the convs' dtype (autocast)
+    flat = torch.randn(3 * 700 + 8 * 9).to(dtype)
+    row_start = torch.tensor([0, 700, 1400] + [2100 + 9 * i for i in range(8)], dtype=torch.int64)
+    row_len = torch.tensor([700] * 3 + [9] * 8, dtype=torch.int32)
+    w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5)
+    triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, std, row_start, row_len, 1e-5)
+    # BCN, 32 groups: 1 to 128 channels per group (and 3), maps from 1x1 to more than a block, RoI heads
+    shapes = [(2, 32, 1, 1), (2, 64, 50, 68), (2, 96, 5, 5), (2, 128, 25, 34), (2, 256, 13, 17), (2, 512, 7, 7),
+              (2, 1024, 4, 4), (2, 2048, 2, 2), (2, 4096, 3, 3), (300, 256, 14, 14)]  # fmt: skip
+    for n, c, h, w in shapes:
+        groups = 32
+        x = torch.randn(n, c, h, w).to(dtype)
+        params = [torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c), torch.ones(groups), torch.zeros(groups)]
+        bn_weight, bn_bias, running_mean, running_var, gamma, beta = params
+        for update_rate, out_dtype in [(0.1, dtype), (0.0, torch.float32)]:
+            y, saved = triton_kernels.bcn_forward(
+                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, 1e-5, 1e-5, update_rate, None, out_dtype
+            )
+            triton_kernels.bcn_backward(y.to(dtype), saved, bn_weight, bn_bias, gamma)
+
+
+def compile_launch(launch: Launch, arch: int):
+    """Compile one recorded launch for ``sm_<arch>``; returns Triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, signature, constexprs, options = launch
+    source = ASTSource(fn=getattr(triton_kernels, name), signature=dict(signature), constexprs=dict(constexprs))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 90 80")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"], help="input dtypes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    if triton_kernels.triton is None:
+        parser.error("triton is not installed")
+    launches = record_launches([getattr(torch, d) for d in args.dtypes])
+    print(f"{len(launches)} distinct launches, compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
+    for arch in args.arch:
+        for launch in launches:
+            start = time.perf_counter()
+            kernel = compile_launch(launch, arch)
+            types = ",".join(t for _, t in launch[1] if t != "constexpr")
+            print(f"sm_{arch} {launch[0]}({types}) {dict(launch[2])}: cubin {len(kernel.asm['cubin'])} bytes, "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
