@@ -7,7 +7,8 @@ that Triton's compiler refuses. This runs the launchers of
 small CPU tensors with every kernel launch recorded instead of run, then
 compiles each distinct recorded launch (argument types, constexprs, num_warps)
 ahead of time for the target architectures with Triton's compiler and ptxas,
-down to a cubin. Run it without ``TRITON_INTERPRET``.
+down to a cubin: unspecialized, and with the divisibility by 16 that Triton's
+JIT would assume for its pointers and integers. Run it without ``TRITON_INTERPRET``.
 
     .venv/bin/python tools/compile_kernels.py --arch 90 80
 """
@@ -24,8 +25,10 @@ from wsbcn_d2.layers import triton_kernels
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                   torch.int32: "*i32"}  # fmt: skip
 
-Launch = Tuple[str, Tuple[Tuple[str, str], ...], Tuple[Tuple[str, object], ...], Tuple[Tuple[str, object], ...]]
-"""(kernel name, ((argument, type), ...), ((constexpr, value), ...), ((option, value), ...))."""
+Launch = Tuple[str, Tuple[Tuple[str, str], ...], Tuple[Tuple[str, object], ...], Tuple[Tuple[str, object], ...],
+               Tuple[int, ...]]  # fmt: skip
+"""(kernel name, ((argument, type), ...), ((constexpr, value), ...), ((option, value), ...), indices of the
+arguments divisible by 16: pointers aligned to 16 bytes and integers, as Triton's JIT specializes them)."""
 
 
 def _arg_type(value: object) -> str:
@@ -38,6 +41,12 @@ def _arg_type(value: object) -> str:
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _divisible(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
@@ -60,7 +69,8 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
                 )
                 constexprs = tuple((n, v) for n, v in bound.items() if n in params and params[n].is_constexpr)
                 options = tuple((n, v) for n, v in kwargs.items() if n not in params)
-                launches[(self.name, signature, constexprs, options)] = None
+                divisible = tuple(i for i, (n, t) in enumerate(signature) if t != "constexpr" and _divisible(bound[n]))
+                launches[(self.name, signature, constexprs, options, divisible)] = None
 
             return record
 
@@ -99,13 +109,17 @@ def _run_launchers(dtype: torch.dtype) -> None:
 
 
 def compile_launch(launch: Launch, arch: int):
-    """Compile one recorded launch for ``sm_<arch>``; returns Triton's CompiledKernel."""
+    """Compile one launch for ``sm_<arch>``, assuming divisibility by 16 where it lists it; returns
+    Triton's CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, signature, constexprs, options = launch
-    source = ASTSource(fn=getattr(triton_kernels, name), signature=dict(signature), constexprs=dict(constexprs))
+    name, signature, constexprs, options, divisible = launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    source = ASTSource(
+        fn=getattr(triton_kernels, name), signature=dict(signature), constexprs=dict(constexprs), attrs=attrs
+    )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
 
@@ -119,14 +133,17 @@ def main(argv: Sequence[str] = None) -> int:
     if triton_kernels.triton is None:
         parser.error("triton is not installed")
     launches = record_launches([getattr(torch, d) for d in args.dtypes])
-    print(f"{len(launches)} distinct launches, compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
+    # each launch with the JIT's divisibility assumptions, and each signature once without any
+    variants = list(dict.fromkeys([(*launch[:4], ()) for launch in launches] + [l for l in launches if l[4]]))
+    print(f"{len(variants)} distinct launches, compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
     for arch in args.arch:
-        for launch in launches:
+        for launch in variants:
             start = time.perf_counter()
             kernel = compile_launch(launch, arch)
             types = ",".join(t for _, t in launch[1] if t != "constexpr")
-            print(f"sm_{arch} {launch[0]}({types}) {dict(launch[2])}: cubin {len(kernel.asm['cubin'])} bytes, "
-                  f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+            divisible = ",".join(launch[1][i][0] for i in launch[4]) or "nothing"
+            print(f"sm_{arch} {launch[0]}({types}) {dict(launch[2])}, divisible by 16: {divisible}: "
+                  f"cubin {len(kernel.asm['cubin'])} bytes, {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
     return 0
 
 
