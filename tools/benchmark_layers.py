@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Cost of one BCN layer against one GroupNorm, forward + backward, per call: host and wall time.
+"""Cost of one BCN layer against one GroupNorm per call, training and inference: host and wall time.
 
 On a GPU a detection step with 1-2 images per GPU is bound by the host issuing
 kernels, so what a norm layer costs is mostly host time. For R-50-FPN shapes
-at 800 px, this times ``calls`` forward + backward calls of each layer in a
-loop: the host time (until the loop returns, without waiting for the GPU) and
-the wall time (waiting for it), per call, in interleaved repetitions (the
-order rotates), and reports the median ratio to GN of the same repetition.
-On CPU both times are the same computation.
+at 800 px, this times ``calls`` calls of each layer in a loop, forward +
+backward (training) and forward under ``no_grad`` (inference): the host time
+(until the loop returns, without waiting for the GPU) and the wall time
+(waiting for it), per call, in interleaved repetitions (the order rotates),
+and reports the median ratio to GN of the same repetition. On CPU host and
+wall time are the same computation.
 
     .venv/bin/python tools/benchmark_layers.py --device cuda
 """
@@ -15,7 +16,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,44 +38,54 @@ def build_layer(variant: str, channels: int, device: str) -> nn.Module:
     return BatchChannelNorm2d(channels, 32).to(device)  # micro-batch BCN, training mode
 
 
-def time_calls(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, calls: int) -> Tuple[float, float]:
-    """(host, wall) seconds per forward + backward call."""
+def time_calls(layer: nn.Module, x: torch.Tensor, grad: Optional[torch.Tensor], calls: int) -> Tuple[float, float]:
+    """(host, wall) seconds per forward + backward call, or per forward under no_grad without ``grad``."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    for _ in range(calls):
-        layer(x).backward(grad)
+    if grad is None:
+        with torch.no_grad():
+            for _ in range(calls):
+                layer(x)
+    else:
+        for _ in range(calls):
+            layer(x).backward(grad)
     host = time.perf_counter() - start
     sync()
     return host / calls, (time.perf_counter() - start) / calls
 
 
+TIMES = ("train host", "train wall", "infer host", "infer wall")
+
+
 def measure(shape: Tuple[int, ...], device: str, reps: int, calls: int) -> Dict[str, Dict[str, List[float]]]:
-    """Per variant, per repetition: host and wall seconds per call, and their ratios to GN."""
+    """Per variant and time of :data:`TIMES`, per repetition: seconds per call."""
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
     layers = {v: build_layer(v, shape[1], device) for v in ("GN", "BCN")}
-    results = {v: {"host": [], "wall": []} for v in layers}
+    results = {v: {kind: [] for kind in TIMES} for v in layers}
     for rep in range(reps + 1):  # the first repetition warms up (compilation, allocator)
         order = list(layers)[rep % 2 :] + list(layers)[: rep % 2]
-        times = {v: time_calls(layers[v], x, grad, calls) for v in order}
-        if rep:
-            for v, (host, wall) in times.items():
-                results[v]["host"].append(host)
-                results[v]["wall"].append(wall)
+        for v in order:
+            train = time_calls(layers[v], x, grad, calls)
+            infer = time_calls(layers[v].eval(), x, None, calls)
+            layers[v].train()
+            if rep:
+                for kind, seconds in zip(TIMES, train + infer):
+                    results[v][kind].append(seconds)
     return results
 
 
 def format_table(all_results: Dict[str, Dict[str, Dict[str, List[float]]]]) -> str:
     lines = [
-        "| input | variant | host per call | wall per call |",
-        "|---|---|---|---|",
+        "| input | variant | " + " | ".join(f"{kind} per call" for kind in TIMES) + " |",
+        "|---|---|" + "---|" * len(TIMES),
     ]
     for name, results in all_results.items():
         gn = results["GN"]
         for variant, times in results.items():
             cells = []
-            for kind in ("host", "wall"):
+            for kind in TIMES:
                 median_us = statistics.median(times[kind]) * 1e6
                 if variant == "GN":
                     cells.append(f"{median_us:.0f} us")

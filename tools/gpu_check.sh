@@ -23,7 +23,7 @@ bench() {  # NAME ARGS...
     "$PY" tools/benchmark.py --device cuda --images 2 --variants GN GN+WS BCN+WS --warmup 3 \
         --json "$OUT/$name.json" --markdown "$OUT/$name.md" "$@" || tests=1
 }
-# one norm layer, forward + backward: host and wall time per call against GroupNorm
+# one norm layer, training and inference: host and wall time per call against GroupNorm
 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers.md" || tests=1
 WSBCN_TRITON=0 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers_torch_code.md" || tests=1
 cat "$OUT/benchmark_layers.md" "$OUT/benchmark_layers_torch_code.md"
