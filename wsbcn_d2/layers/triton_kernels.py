@@ -125,25 +125,18 @@ if triton is not None:
         tl.store(ws_ptr + NC + rows, row_var, mask=row_ok)
 
     @triton.jit
-    def _bcn_forward_finalize_kernel(
-        ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
-        N, C, G, rate, bn_eps, gn_eps,
+    def _bcn_group_affine(
+        ws_ptr, est_mean_ptr, est_var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, g, N, C, rate, bn_eps, store,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE: tl.constexpr,
     ):  # fmt: skip
-        # one program per group: estimate update, batch step as (scale, shift), group statistics
-        # of x1 = x * scale + shift, and the (N, C) coefficients of y = x * S + T
-        mean_ptr = ws_ptr
-        var_ptr = ws_ptr + N * C
-        coef_ptr = ws_ptr + 2 * N * C
-        stat_ptr = ws_ptr + 4 * N * C
-        mu_ptr = stat_ptr + 2 * C
-        rstd_ptr = mu_ptr + N * G
-        g = tl.program_id(0)
+        # group g's channels: the estimate update (from the estimates at est_mean_ptr / est_var_ptr),
+        # stored in rm / rv when `store`, and the batch step as (scale, shift); the estimates used
+        # (mean, 1 / std) go to the workspace for the backward
         cl = tl.arange(0, BLOCK_C)
         c_ok = cl < CG
         ch = g * CG + cl
-        rm = tl.load(rm_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
-        rv = tl.load(rv_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+        rm = tl.load(est_mean_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+        rv = tl.load(est_var_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
         if UPDATE:
             # batch statistics around the previous estimate, as the official EstBN; then lerp by r
             sum_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -151,8 +144,8 @@ if triton is not None:
             for n0 in range(0, N, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)[:, None]
                 ok = (n < N) & c_ok[None, :]
-                mean = tl.load(mean_ptr + n * C + ch[None, :], mask=ok, other=0.0)
-                var = tl.load(var_ptr + n * C + ch[None, :], mask=ok, other=0.0)
+                mean = tl.load(ws_ptr + n * C + ch[None, :], mask=ok, other=0.0)
+                var = tl.load(ws_ptr + N * C + n * C + ch[None, :], mask=ok, other=0.0)
                 d_old = tl.where(ok, mean - rm[None, :], 0.0)
                 sum_mean += tl.sum(mean, axis=0)
                 sum_dist += tl.sum(var + d_old * d_old, axis=0)
@@ -161,33 +154,63 @@ if triton is not None:
             # normalize with the estimates as stored (rounded to their dtype), kept in registers
             rm = rm.to(rm_ptr.dtype.element_ty).to(tl.float32)
             rv = rv.to(rv_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(rm_ptr + ch, rm.to(rm_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(rv_ptr + ch, rv.to(rv_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rm_ptr + ch, rm.to(rm_ptr.dtype.element_ty), mask=c_ok & store)
+            tl.store(rv_ptr + ch, rv.to(rv_ptr.dtype.element_ty), mask=c_ok & store)
         inv_std = 1.0 / tl.sqrt(rv + bn_eps)
         scale = tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std
         shift = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) - rm * scale
-        tl.store(stat_ptr + ch, rm, mask=c_ok)
-        tl.store(stat_ptr + C + ch, inv_std, mask=c_ok)
+        stat_ptr = ws_ptr + 4 * N * C
+        tl.store(stat_ptr + ch, rm, mask=c_ok & store)
+        tl.store(stat_ptr + C + ch, inv_std, mask=c_ok & store)
+        return ch, c_ok, scale, shift
+
+    @triton.jit
+    def _bcn_group_coefficients(
+        ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, n0, N, C, G, gn_eps, store,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, STORE_COEFFICIENTS: tl.constexpr,
+    ):  # fmt: skip
+        # samples n0 .. n0 + BLOCK_N of group g: group statistics of x1 = x * scale + shift (stored
+        # for the backward when `store`) and the (n, c) coefficients of y = x * S + T
+        mu_ptr = ws_ptr + 4 * N * C + 2 * C
+        rstd_ptr = mu_ptr + N * G
+        nl = n0 + tl.arange(0, BLOCK_N)
+        n = nl[:, None]
+        ok = (n < N) & c_ok[None, :]
+        idx = n * C + ch[None, :]
+        mean = tl.load(ws_ptr + idx, mask=ok, other=0.0)
+        var = tl.load(ws_ptr + N * C + idx, mask=ok, other=0.0)
+        x1_mean = mean * scale[None, :] + shift[None, :]
+        mu = tl.sum(tl.where(ok, x1_mean, 0.0), axis=1) / CG
+        d = tl.where(ok, x1_mean - mu[:, None], 0.0)
+        group_var = tl.sum(var * (scale * scale)[None, :] + d * d, axis=1) / CG
+        rstd = 1.0 / tl.sqrt(group_var + gn_eps)
         gamma = tl.load(gamma_ptr + g).to(tl.float32)
-        beta = tl.load(beta_ptr + g).to(tl.float32)
+        s = scale[None, :] * (rstd * gamma)[:, None]
+        t = (shift[None, :] - mu[:, None]) * (rstd * gamma)[:, None] + tl.load(beta_ptr + g).to(tl.float32)
+        if STORE_COEFFICIENTS:
+            tl.store(ws_ptr + 2 * N * C + idx, s, mask=ok)
+            tl.store(ws_ptr + 3 * N * C + idx, t, mask=ok)
+        tl.store(mu_ptr + nl * G + g, mu, mask=(nl < N) & store)
+        tl.store(rstd_ptr + nl * G + g, rstd, mask=(nl < N) & store)
+        return s, t, ok, idx
+
+    @triton.jit
+    def _bcn_forward_finalize_kernel(
+        ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
+        N, C, G, rate, bn_eps, gn_eps,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE: tl.constexpr,
+    ):  # fmt: skip
+        # one program per group, any N: estimate update, batch step, group statistics and the
+        # (N, C) coefficients of y = x * S + T into the workspace, for _bcn_apply_kernel
+        g = tl.program_id(0)
+        ch, c_ok, scale, shift = _bcn_group_affine(
+            ws_ptr, rm_ptr, rv_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, g, N, C, rate, bn_eps, True,
+            CG, BLOCK_N, BLOCK_C, UPDATE,
+        )  # fmt: skip
         for n0 in range(0, N, BLOCK_N):
-            nl = n0 + tl.arange(0, BLOCK_N)
-            n = nl[:, None]
-            ok = (n < N) & c_ok[None, :]
-            idx = n * C + ch[None, :]
-            mean = tl.load(mean_ptr + idx, mask=ok, other=0.0)
-            var = tl.load(var_ptr + idx, mask=ok, other=0.0)
-            x1_mean = mean * scale[None, :] + shift[None, :]
-            mu = tl.sum(tl.where(ok, x1_mean, 0.0), axis=1) / CG
-            d = tl.where(ok, x1_mean - mu[:, None], 0.0)
-            group_var = tl.sum(var * (scale * scale)[None, :] + d * d, axis=1) / CG
-            rstd = 1.0 / tl.sqrt(group_var + gn_eps)
-            s = scale[None, :] * (rstd * gamma)[:, None]
-            t = (shift[None, :] - mu[:, None]) * (rstd * gamma)[:, None] + beta
-            tl.store(coef_ptr + idx, s, mask=ok)
-            tl.store(coef_ptr + N * C + idx, t, mask=ok)
-            tl.store(mu_ptr + nl * G + g, mu, mask=nl < N)
-            tl.store(rstd_ptr + nl * G + g, rstd, mask=nl < N)
+            _bcn_group_coefficients(
+                ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, n0, N, C, G, gn_eps, True, CG, BLOCK_N, True
+            )
 
     @triton.jit
     def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
@@ -226,67 +249,96 @@ if triton is not None:
         tl.store(sums_ptr + NC + rows, tl.sum(s_dyx, axis=1), mask=row_ok)
 
     @triton.jit
-    def _bcn_backward_finalize_kernel(
-        sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
-        N, C, G, HW,
-        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        # one program per group: the coefficients of dx = A * dy + B * x + D and the parameter gradients
-        # (backward workspace: sums, coefficients, d_bn_weight, d_bn_bias, d_gamma, d_beta)
-        mean_ptr = ws_ptr
-        var_ptr = ws_ptr + N * C
+    def _bcn_group_batch_step(ws_ptr, bnw_ptr, bnb_ptr, g, N, C, CG: tl.constexpr, BLOCK_C: tl.constexpr):
+        # group g's channels and the forward's batch step x1 = x * a + b, from the estimates it used
         stat_ptr = ws_ptr + 4 * N * C
-        mu_ptr = stat_ptr + 2 * C
-        rstd_ptr = mu_ptr + N * G
-        coef_ptr = sums_ptr + 2 * N * C
-        d_bnw_ptr = sums_ptr + 5 * N * C
-        d_bnb_ptr = d_bnw_ptr + C
-        d_gamma_ptr = d_bnb_ptr + C
-        d_beta_ptr = d_gamma_ptr + G
-        g = tl.program_id(0)
         cl = tl.arange(0, BLOCK_C)
         c_ok = cl < CG
         ch = g * CG + cl
         rm = tl.load(stat_ptr + ch, mask=c_ok, other=0.0)
         inv_std = tl.load(stat_ptr + C + ch, mask=c_ok, other=0.0)
-        a = (tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std)[None, :]
-        b = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)[None, :] - rm[None, :] * a
+        a = tl.load(bnw_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * inv_std
+        b = tl.load(bnb_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) - rm * a
+        return ch, c_ok, rm, inv_std, a, b
+
+    @triton.jit
+    def _bcn_backward_chunk(
+        sums_ptr, ws_ptr, gamma_ptr, ch, c_ok, a, b, g, n0, N, C, G, HW,
+        BLOCK_N: tl.constexpr, CG: tl.constexpr,
+    ):  # fmt: skip
+        # samples n0 .. n0 + BLOCK_N of group g: the (n, c) coefficients of dx = A * dy + B * x + D and
+        # the chunk's parts of the parameter gradients (d_scale, d_shift per channel; d_gamma, d_beta)
+        mu_ptr = ws_ptr + 4 * N * C + 2 * C
+        rstd_ptr = mu_ptr + N * G
+        nl = n0 + tl.arange(0, BLOCK_N)
+        n = nl[:, None]
+        ok = (n < N) & c_ok[None, :]
+        idx = n * C + ch[None, :]
+        a = a[None, :]
+        b = b[None, :]
+        s_dy = tl.load(sums_ptr + idx, mask=ok, other=0.0)
+        s_dyx = tl.load(sums_ptr + N * C + idx, mask=ok, other=0.0)
+        mean = tl.load(ws_ptr + idx, mask=ok, other=0.0)
+        var = tl.load(ws_ptr + N * C + idx, mask=ok, other=0.0)
+        mu = tl.load(mu_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
         gamma = tl.load(gamma_ptr + g).to(tl.float32)
         k = CG * HW
+        s_dy_xc = s_dyx - mean * s_dy  # sum of dy * (x - mean)
+        x1c = tl.where(ok, mean * a + b - mu, 0.0)  # per-(n, c) mean of x1, centred on its group's
+        s_dy_xhat = rstd * (a * s_dy_xc + x1c * s_dy)
+        m1 = gamma * tl.sum(s_dy, axis=1)[:, None] / k
+        m2 = gamma * tl.sum(s_dy_xhat, axis=1)[:, None] / k
+        coef_dy = a * rstd * gamma
+        coef_const = -a * rstd * (m1 + rstd * m2 * (b - mu))
+        coef_x = -a * a * rstd * rstd * m2
+        s_dx1 = tl.where(ok, rstd * (gamma * s_dy - HW * m1 - HW * rstd * m2 * x1c), 0.0)
+        s_dx1_xc = tl.where(ok, rstd * (gamma * s_dy_xc - HW * rstd * m2 * a * var), 0.0)
+        d_scale = tl.sum(s_dx1_xc + mean * s_dx1, axis=0)
+        d_shift = tl.sum(s_dx1, axis=0)
+        return coef_dy, coef_x, coef_const, ok, idx, d_scale, d_shift, tl.sum(s_dy_xhat, axis=1), tl.sum(s_dy, axis=1)
+
+    @triton.jit
+    def _bcn_store_parameter_gradients(
+        sums_ptr, ch, c_ok, rm, inv_std, d_scale, d_shift, d_gamma, d_beta, g, N, C, G, store
+    ):  # fmt: skip
+        # scale = w * inv_std, shift = b - rm * scale (the estimates are constants); backward workspace:
+        # sums, coefficients, then d_bn_weight, d_bn_bias, d_gamma, d_beta
+        d_bnw_ptr = sums_ptr + 5 * N * C
+        tl.store(d_bnw_ptr + ch, inv_std * (d_scale - rm * d_shift), mask=c_ok & store)
+        tl.store(d_bnw_ptr + C + ch, d_shift, mask=c_ok & store)
+        tl.store(d_bnw_ptr + 2 * C + g, d_gamma, mask=store)
+        tl.store(d_bnw_ptr + 2 * C + G + g, d_beta, mask=store)
+
+    @triton.jit
+    def _bcn_backward_finalize_kernel(
+        sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
+        N, C, G, HW,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # one program per group, any N: the (N, C) coefficients into the backward workspace, for
+        # _bcn_apply_kernel, and the parameter gradients
+        g = tl.program_id(0)
+        ch, c_ok, rm, inv_std, a, b = _bcn_group_batch_step(ws_ptr, bnw_ptr, bnb_ptr, g, N, C, CG, BLOCK_C)
         d_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
         d_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
         d_gamma = tl.zeros([BLOCK_N], dtype=tl.float32)
         d_beta = tl.zeros([BLOCK_N], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            nl = n0 + tl.arange(0, BLOCK_N)
-            n = nl[:, None]
-            ok = (n < N) & c_ok[None, :]
-            idx = n * C + ch[None, :]
-            s_dy = tl.load(sums_ptr + idx, mask=ok, other=0.0)
-            s_dyx = tl.load(sums_ptr + N * C + idx, mask=ok, other=0.0)
-            mean = tl.load(mean_ptr + idx, mask=ok, other=0.0)
-            var = tl.load(var_ptr + idx, mask=ok, other=0.0)
-            mu = tl.load(mu_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
-            rstd = tl.load(rstd_ptr + nl * G + g, mask=nl < N, other=0.0)[:, None]
-            s_dy_xc = s_dyx - mean * s_dy  # sum of dy * (x - mean)
-            x1c = tl.where(ok, mean * a + b - mu, 0.0)  # per-(n, c) mean of x1, centred on its group's
-            s_dy_xhat = rstd * (a * s_dy_xc + x1c * s_dy)
-            m1 = gamma * tl.sum(s_dy, axis=1)[:, None] / k
-            m2 = gamma * tl.sum(s_dy_xhat, axis=1)[:, None] / k
-            tl.store(coef_ptr + idx, a * rstd * gamma, mask=ok)
-            tl.store(coef_ptr + N * C + idx, -a * rstd * (m1 + rstd * m2 * (b - mu)), mask=ok)
-            tl.store(coef_ptr + 2 * N * C + idx, -a * a * rstd * rstd * m2, mask=ok)
-            s_dx1 = tl.where(ok, rstd * (gamma * s_dy - HW * m1 - HW * rstd * m2 * x1c), 0.0)
-            s_dx1_xc = tl.where(ok, rstd * (gamma * s_dy_xc - HW * rstd * m2 * a * var), 0.0)
-            d_scale += tl.sum(s_dx1_xc + mean * s_dx1, axis=0)
-            d_shift += tl.sum(s_dx1, axis=0)
-            d_gamma += tl.sum(s_dy_xhat, axis=1)
-            d_beta += tl.sum(s_dy, axis=1)
-        # scale = w * inv_std, shift = b - rm * scale (the estimates are constants)
-        tl.store(d_bnw_ptr + ch, inv_std * (d_scale - rm * d_shift), mask=c_ok)
-        tl.store(d_bnb_ptr + ch, d_shift, mask=c_ok)
-        tl.store(d_gamma_ptr + g, tl.sum(d_gamma, axis=0))
-        tl.store(d_beta_ptr + g, tl.sum(d_beta, axis=0))
+            coef_dy, coef_x, coef_const, ok, idx, p_scale, p_shift, p_gamma, p_beta = _bcn_backward_chunk(
+                sums_ptr, ws_ptr, gamma_ptr, ch, c_ok, a, b, g, n0, N, C, G, HW, BLOCK_N, CG
+            )
+            tl.store(sums_ptr + 2 * N * C + idx, coef_dy, mask=ok)
+            tl.store(sums_ptr + 3 * N * C + idx, coef_const, mask=ok)
+            tl.store(sums_ptr + 4 * N * C + idx, coef_x, mask=ok)
+            d_scale += p_scale
+            d_shift += p_shift
+            d_gamma += p_gamma
+            d_beta += p_beta
+        _bcn_store_parameter_gradients(
+            sums_ptr, ch, c_ok, rm, inv_std, d_scale, d_shift, tl.sum(d_gamma, axis=0), tl.sum(d_beta, axis=0),
+            g, N, C, G, True,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- launchers
