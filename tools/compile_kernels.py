@@ -74,15 +74,18 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
 
             return record
 
-    saved = dict(kernels)
+    saved = dict(kernels), triton_kernels._FUSED_GROUP_TILE
     try:
         for name in kernels:
             setattr(triton_kernels, name, Recorder(name))
-        for dtype in x_dtypes:
-            _run_launchers(dtype)
+        for fused_tile in (saved[1], 0):  # BCN's fused kernels where they serve, then its per-group kernels
+            triton_kernels._FUSED_GROUP_TILE = fused_tile
+            for dtype in x_dtypes:
+                _run_launchers(dtype)
     finally:
-        for name, kernel in saved.items():
+        for name, kernel in saved[0].items():
             setattr(triton_kernels, name, kernel)
+        triton_kernels._FUSED_GROUP_TILE = saved[1]
     return list(launches)
 
 

@@ -224,9 +224,15 @@ def run_bcn(module: BatchChannelNorm2d, x: torch.Tensor, grad: torch.Tensor):
 BCN_SHAPES = [(1, 8, 5, 7, 4), (2, 12, 1, 1, 4), (2, 64, 9, 9, 2), (300, 16, 2, 3, 4)]
 
 
+BCN_PATHS = {"fused": 1 << 20, "group_kernels": 0}
+"""Values of triton_kernels._FUSED_GROUP_TILE that force each path: fused kernels, or per-group kernels."""
+
+
+@pytest.mark.parametrize("path", list(BCN_PATHS))
 @pytest.mark.parametrize("shape", BCN_SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["estimate", "estimate_eval", "frozen", "large_batch_eval"])
-def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode):
+def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode, path):
+    monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
     n, c, h, w, groups = shape
     module = randomized_bcn(c, groups, estimate=mode != "large_batch_eval")
     if mode == "frozen":
@@ -247,6 +253,27 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode)
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
         for key, value in bcn_state(module).items():
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, launches", [(2, (2, 2)), (300, (3, 3))])
+def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches):
+    # micro-batches: moments + fused forward, sums + fused backward; RoI heads: per-group kernels between
+    counts = {"forward": 0, "backward": 0}
+    for name in [k for k in vars(triton_kernels) if k.startswith("_bcn_") and k.endswith("_kernel")]:
+        kernel = getattr(triton_kernels, name)
+
+        class Counted:
+            def __getitem__(self, grid, _kernel=kernel):
+                counts["backward" if backward_started else "forward"] += 1
+                return _kernel[grid]
+
+        monkeypatch.setattr(triton_kernels, name, Counted())
+    module = randomized_bcn(16, 4)
+    backward_started = False
+    out = module(torch.randn(n, 16, 3, 3, device=DEVICE, requires_grad=True))
+    backward_started = True
+    out.sum().backward()
+    assert (counts["forward"], counts["backward"]) == launches
 
 
 @pytest.mark.parametrize("why", ["no_grad", "frozen_parameters"])

@@ -11,10 +11,14 @@ against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
   row by row (one row = one output channel) by one kernel forward and one
   backward, whatever the number of convs.
 - BCN with fixed batch-step statistics (micro-batch BCN, a frozen step, or
-  large-batch BCN in eval): three kernels forward (per-(sample, channel)
-  moments; the estimate update and all per-(N, C) algebra; ``y = x * S + T``)
-  and three backward (two per-(sample, channel) sums; the coefficients and the
-  parameter gradients; ``dx = A * dy + B * x + D``): the passes of a group norm.
+  large-batch BCN in eval): forward, per-(sample, channel) moments, then one
+  kernel over (group, block of HW) whose programs each redo their group's
+  estimate update and per-(N, C) algebra (a few dozen numbers for 1-2 images)
+  and write ``y = x * S + T``; backward, two per-(sample, channel) sums, then
+  the same for ``dx = A * dy + B * x + D`` and the parameter gradients: the
+  passes of a group norm, two launches each. For many samples (RoI heads) the
+  per-group work runs once, in a kernel of its own between the two (three
+  launches each).
 
 Statistics are computed in float32 whatever the input dtype. Set
 ``WSBCN_TRITON=0`` to use the torch code on CUDA too (for comparisons).
@@ -100,9 +104,14 @@ if triton is not None:
     # Per-(sample, channel) kernels work on tiles of ROWS rows x BLOCK positions, so that both
     # a 200x272 backbone map and the 7x7 maps of 1000 RoIs fill the GPU.
     @triton.jit
-    def _bcn_moments_kernel(x_ptr, ws_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _bcn_moments_kernel(
+        x_ptr, ws_ptr, NC, HW, rm_ptr, rv_ptr, C, SNAPSHOT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    ):  # fmt: skip
         # mean and biased variance of each row over HW (per-lane Welford, then Chan's combination),
-        # into the forward workspace: mean at [0, NC), variance at [NC, 2 NC)
+        # into the forward workspace: mean at [0, NC), variance at [NC, 2 NC); with SNAPSHOT, the
+        # estimates before the update also, at [2 NC, 2 NC + C) and [3 NC, 3 NC + C) (the fused
+        # kernel keeps its coefficients in registers and reads them there while one of its programs
+        # writes the updated ones)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = x_ptr + rows.to(tl.int64)[:, None] * HW
@@ -123,6 +132,10 @@ if triton is not None:
         row_var = tl.sum(m2 + count * d * d, axis=1) / total
         tl.store(ws_ptr + rows, row_mean, mask=row_ok)
         tl.store(ws_ptr + NC + rows, row_var, mask=row_ok)
+        if SNAPSHOT:
+            first = row_ok & (rows < C)  # the rows of sample 0: one per channel
+            tl.store(ws_ptr + 2 * NC + rows, tl.load(rm_ptr + rows, mask=first).to(tl.float32), mask=first)
+            tl.store(ws_ptr + 3 * NC + rows, tl.load(rv_ptr + rows, mask=first).to(tl.float32), mask=first)
 
     @triton.jit
     def _bcn_group_affine(
@@ -211,6 +224,37 @@ if triton is not None:
             _bcn_group_coefficients(
                 ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, n0, N, C, G, gn_eps, True, CG, BLOCK_N, True
             )
+
+    @triton.jit
+    def _bcn_forward_fused_kernel(
+        x_ptr, out_ptr, ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
+        N, C, G, HW, rate, bn_eps, gn_eps,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        UPDATE: tl.constexpr,
+    ):  # fmt: skip
+        # micro-batches (N <= BLOCK_N): one program per (group, block of HW) computes its group's
+        # estimates and coefficients (the programs of block 0 store what the backward needs and the
+        # updated estimates) and writes y = x * S + T over its block; no per-group kernel
+        g = tl.program_id(0)
+        store = tl.program_id(1) == 0
+        if UPDATE:  # from the estimates before the update, which one program of the group overwrites
+            est_mean_ptr = ws_ptr + 2 * N * C
+            est_var_ptr = ws_ptr + 3 * N * C
+        else:
+            est_mean_ptr = rm_ptr
+            est_var_ptr = rv_ptr
+        ch, c_ok, scale, shift = _bcn_group_affine(
+            ws_ptr, est_mean_ptr, est_var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, g, N, C, rate, bn_eps, store,
+            CG, BLOCK_N, BLOCK_C, UPDATE,
+        )  # fmt: skip
+        s, t, ok, idx = _bcn_group_coefficients(
+            ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, 0, N, C, G, gn_eps, store, CG, BLOCK_N, False
+        )
+        hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        m = ok[:, :, None] & (hw < HW)[None, None, :]
+        offs = idx.to(tl.int64)[:, :, None] * HW + hw[None, None, :]
+        y = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * s[:, :, None] + t[:, :, None]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
@@ -340,6 +384,34 @@ if triton is not None:
             g, N, C, G, True,
         )  # fmt: skip
 
+    @triton.jit
+    def _bcn_backward_fused_kernel(
+        dy_ptr, x_ptr, dx_ptr, sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
+        N, C, G, HW,
+        CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    ):  # fmt: skip
+        # micro-batches (N <= BLOCK_N): one program per (group, block of HW) computes its group's
+        # coefficients (the programs of block 0 store the parameter gradients) and writes
+        # dx = A * dy + B * x + D over its block; no per-group kernel
+        g = tl.program_id(0)
+        ch, c_ok, rm, inv_std, a, b = _bcn_group_batch_step(ws_ptr, bnw_ptr, bnb_ptr, g, N, C, CG, BLOCK_C)
+        coef_dy, coef_x, coef_const, ok, idx, d_scale, d_shift, d_gamma, d_beta = _bcn_backward_chunk(
+            sums_ptr, ws_ptr, gamma_ptr, ch, c_ok, a, b, g, 0, N, C, G, HW, BLOCK_N, CG
+        )
+        _bcn_store_parameter_gradients(
+            sums_ptr, ch, c_ok, rm, inv_std, d_scale, d_shift, tl.sum(d_gamma, axis=0), tl.sum(d_beta, axis=0),
+            g, N, C, G, tl.program_id(1) == 0,
+        )  # fmt: skip
+        hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        m = ok[:, :, None] & (hw < HW)[None, None, :]
+        offs = idx.to(tl.int64)[:, :, None] * HW + hw[None, None, :]
+        dx = (
+            tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_dy[:, :, None]
+            + tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_x[:, :, None]
+            + coef_const[:, :, None]
+        )
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
 
 # ---------------------------------------------------------------- launchers
 def ws_rows_forward(
@@ -394,6 +466,23 @@ def _rows_launch(num_rows: int, hw: int) -> Tuple[dict, Tuple[int], Tuple[int, i
     return launch, (rows,), (rows, -(-hw // block))
 
 
+_FUSED_GROUP_TILE = 256
+"""Largest (samples x channels of a group) tile, powers of 2, for which the fused kernels serve:
+micro-batches (1-2 images per GPU: up to 128 channels per group); RoI heads take the per-group kernels."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_launch(n: int, channels_per_group: int, hw: int, max_tile: int) -> Optional[Tuple[dict, Tuple[int, int]]]:
+    """``(launch, grid)`` of the fused kernels over (group, block of HW), or None where they do not serve."""
+    block_n, block_c = _next_power_of_2(n), _next_power_of_2(channels_per_group)
+    block_hw = min(_next_power_of_2(hw), 4096 // (block_n * block_c))  # about 4096 elements per program
+    hw_blocks = -(-hw // max(block_hw, 1))
+    if block_n * block_c > max_tile or hw_blocks >= 2**16:  # the grid's second dimension is 16 bits
+        return None
+    launch = dict(CG=channels_per_group, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    return launch, hw_blocks
+
+
 def bcn_forward(
     x: torch.Tensor,
     bn_weight: torch.Tensor,
@@ -422,15 +511,25 @@ def bcn_forward(
     # estimates used (mean, 1 / sqrt(var + eps)) and the (N, G) group mean and 1 / std
     workspace = torch.empty(4 * n * c + 2 * c + 2 * n * groups, dtype=torch.float32, device=x.device)
     launch, grid, grid_split = _rows_launch(n * c, hw)
-    _bcn_moments_kernel[grid](x, workspace, n * c, hw, **launch)
+    fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
+    kernel_update = update is None and update_rate > 0
+    _bcn_moments_kernel[grid](
+        x, workspace, n * c, hw, running_mean, running_var, c, SNAPSHOT=kernel_update and fused is not None, **launch
+    )
     if update is not None:
         update(workspace[: n * c].view(n, c), workspace[n * c : 2 * n * c].view(n, c))
-    _bcn_forward_finalize_kernel[(groups,)](
-        workspace, running_mean, running_var, bn_weight, bn_bias, gamma, beta,
-        n, c, groups, float(update_rate), float(bn_eps), float(gn_eps),
-        UPDATE=update is None and update_rate > 0, **_group_launch(c // groups),
-    )  # fmt: skip
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    scalars = (n, c, groups, hw, float(update_rate), float(bn_eps), float(gn_eps))
+    params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
+    if fused is not None:
+        fused_launch, hw_blocks = fused
+        _bcn_forward_fused_kernel[(groups, hw_blocks)](
+            x, y, workspace, *params, *scalars, UPDATE=kernel_update, **fused_launch
+        )
+        return y, (x, workspace)
+    _bcn_forward_finalize_kernel[(groups,)](
+        workspace, *params, n, c, groups, *scalars[4:], UPDATE=kernel_update, **_group_launch(c // groups)
+    )
     _bcn_apply_kernel[grid_split](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
     return y, (x, workspace)
 
@@ -453,12 +552,15 @@ def bcn_backward(
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
     _bcn_backward_sums_kernel[grid](dy, x, workspace, n * c, hw, **launch)
-    _bcn_backward_finalize_kernel[(groups,)](
-        workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw,
-        **_group_launch(c // groups),
-    )  # fmt: skip
     dx = torch.empty_like(x)
-    _bcn_apply_kernel[grid_split](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
+    args = (workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw)
+    fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
+    if fused is not None:
+        fused_launch, hw_blocks = fused
+        _bcn_backward_fused_kernel[(groups, hw_blocks)](dy, x, dx, *args, **fused_launch)
+    else:
+        _bcn_backward_finalize_kernel[(groups,)](*args, **_group_launch(c // groups))
+        _bcn_apply_kernel[grid_split](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
     grads = 5 * n * c  # slices, not Tensor.split: its symbolic-shape checks cost host time
     return (
         dx,
