@@ -178,18 +178,22 @@ if triton is not None:
         return ch, c_ok, scale, shift
 
     @triton.jit
+    def _bcn_chunk(ws_ptr, ch, c_ok, n0, N, C, G, BLOCK_N: tl.constexpr):
+        # samples n0 .. n0 + BLOCK_N x a group's channels: sample indices, mask, (n, c) indices, and
+        # where the forward workspace keeps the (N, G) group mean and 1 / std
+        mu_ptr = ws_ptr + 4 * N * C + 2 * C
+        nl = n0 + tl.arange(0, BLOCK_N)
+        ok = (nl[:, None] < N) & c_ok[None, :]
+        return nl, ok, nl[:, None] * C + ch[None, :], mu_ptr, mu_ptr + N * G
+
+    @triton.jit
     def _bcn_group_coefficients(
         ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, n0, N, C, G, gn_eps, store,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, STORE_COEFFICIENTS: tl.constexpr,
     ):  # fmt: skip
         # samples n0 .. n0 + BLOCK_N of group g: group statistics of x1 = x * scale + shift (stored
         # for the backward when `store`) and the (n, c) coefficients of y = x * S + T
-        mu_ptr = ws_ptr + 4 * N * C + 2 * C
-        rstd_ptr = mu_ptr + N * G
-        nl = n0 + tl.arange(0, BLOCK_N)
-        n = nl[:, None]
-        ok = (n < N) & c_ok[None, :]
-        idx = n * C + ch[None, :]
+        nl, ok, idx, mu_ptr, rstd_ptr = _bcn_chunk(ws_ptr, ch, c_ok, n0, N, C, G, BLOCK_N)
         mean = tl.load(ws_ptr + idx, mask=ok, other=0.0)
         var = tl.load(ws_ptr + N * C + idx, mask=ok, other=0.0)
         x1_mean = mean * scale[None, :] + shift[None, :]
@@ -312,12 +316,7 @@ if triton is not None:
     ):  # fmt: skip
         # samples n0 .. n0 + BLOCK_N of group g: the (n, c) coefficients of dx = A * dy + B * x + D and
         # the chunk's parts of the parameter gradients (d_scale, d_shift per channel; d_gamma, d_beta)
-        mu_ptr = ws_ptr + 4 * N * C + 2 * C
-        rstd_ptr = mu_ptr + N * G
-        nl = n0 + tl.arange(0, BLOCK_N)
-        n = nl[:, None]
-        ok = (n < N) & c_ok[None, :]
-        idx = n * C + ch[None, :]
+        nl, ok, idx, mu_ptr, rstd_ptr = _bcn_chunk(ws_ptr, ch, c_ok, n0, N, C, G, BLOCK_N)
         a = a[None, :]
         b = b[None, :]
         s_dy = tl.load(sums_ptr + idx, mask=ok, other=0.0)
