@@ -465,20 +465,24 @@ def _rows_launch(num_rows: int, hw: int) -> Tuple[dict, Tuple[int], Tuple[int, i
     return launch, (rows,), (rows, -(-hw // block))
 
 
-_FUSED_GROUP_TILE = 256
+_FUSED_GROUP_TILE = 128
 """Largest (samples x channels of a group) tile, powers of 2, for which the fused kernels serve:
-micro-batches (1-2 images per GPU: up to 128 channels per group); RoI heads take the per-group kernels."""
+micro-batches (2 images per GPU with up to 64 channels per group, the paper's 32 groups of up to
+2048 channels); RoI heads take the per-group kernels. Larger tiles leave too few positions per
+program for coalesced loads, or too many registers per thread."""
 
 
 @functools.lru_cache(maxsize=4096)
 def _fused_launch(n: int, channels_per_group: int, hw: int, max_tile: int) -> Optional[Tuple[dict, Tuple[int, int]]]:
     """``(launch, grid)`` of the fused kernels over (group, block of HW), or None where they do not serve."""
     block_n, block_c = _next_power_of_2(n), _next_power_of_2(channels_per_group)
-    block_hw = min(_next_power_of_2(hw), 4096 // (block_n * block_c))  # about 4096 elements per program
-    hw_blocks = -(-hw // max(block_hw, 1))
+    # about 2048 elements per program over 8 warps: 8 per thread, as _bcn_apply_kernel; ptxas: 40-80
+    # registers per thread, no spills (sm_90)
+    block_hw = min(_next_power_of_2(hw), max(1, 2048 // (block_n * block_c)))
+    hw_blocks = -(-hw // block_hw)
     if block_n * block_c > max_tile or hw_blocks >= 2**16:  # the grid's second dimension is 16 bits
         return None
-    launch = dict(CG=channels_per_group, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    launch = dict(CG=channels_per_group, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=8)
     return launch, hw_blocks
 
 
