@@ -473,10 +473,11 @@ program for coalesced loads, or too many registers per thread."""
 
 
 @functools.lru_cache(maxsize=4096)
-def _fused_launch(n: int, channels_per_group: int, hw: int, max_tile: int) -> Optional[Tuple[dict, Tuple[int, int]]]:
-    """``(launch, grid)`` of the fused kernels over (group, block of HW), or None where they do not serve."""
+def _fused_launch(n: int, channels_per_group: int, hw: int, max_tile: int) -> Optional[Tuple[dict, int]]:
+    """``(launch, number of HW blocks)`` of the fused kernels over (group, block of HW), or None where they
+    do not serve."""
     block_n, block_c = _next_power_of_2(n), _next_power_of_2(channels_per_group)
-    # about 2048 elements per program over 8 warps: 8 per thread, as _bcn_apply_kernel; ptxas: 40-80
+    # about 2048 elements per program over 8 warps: 8 per thread, as _bcn_apply_kernel; ptxas: 28-80
     # registers per thread, no spills (sm_90)
     block_hw = min(_next_power_of_2(hw), max(1, 2048 // (block_n * block_c)))
     hw_blocks = -(-hw // block_hw)
@@ -510,8 +511,9 @@ def bcn_forward(
     groups = gamma.numel()
     hw = math.prod(x.shape[2:])
     x = x.contiguous()
-    # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T, the (2, C)
-    # estimates used (mean, 1 / sqrt(var + eps)) and the (N, G) group mean and 1 / std
+    # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T (fused: the
+    # estimates before the update instead), the (2, C) estimates used (mean, 1 / sqrt(var + eps)) and
+    # the (N, G) group mean and 1 / std
     workspace = torch.empty(4 * n * c + 2 * c + 2 * n * groups, dtype=torch.float32, device=x.device)
     launch, grid, grid_split = _rows_launch(n * c, hw)
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
