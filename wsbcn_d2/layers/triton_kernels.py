@@ -109,9 +109,9 @@ if triton is not None:
     ):  # fmt: skip
         # mean and biased variance of each row over HW (per-lane Welford, then Chan's combination),
         # into the forward workspace: mean at [0, NC), variance at [NC, 2 NC); with SNAPSHOT, the
-        # estimates before the update also, at [2 NC, 2 NC + C) and [3 NC, 3 NC + C) (the fused
-        # kernel keeps its coefficients in registers and reads them there while one of its programs
-        # writes the updated ones)
+        # estimates before the update also, at [2 NC, 2 NC + C) and [3 NC, 3 NC + C), where the
+        # per-group kernel would put its coefficients (the fused kernel keeps them in registers): the
+        # fused kernel's programs read them there while one program per group writes the update
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = x_ptr + rows.to(tl.int64)[:, None] * HW
@@ -230,6 +230,12 @@ if triton is not None:
             )
 
     @triton.jit
+    def _bcn_block(ok, idx, HW, BLOCK_HW: tl.constexpr):
+        # a fused program's block of HW for its (n, c) rows: element offsets and mask, (n, c, hw)
+        hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        return idx.to(tl.int64)[:, :, None] * HW + hw[None, None, :], ok[:, :, None] & (hw < HW)[None, None, :]
+
+    @triton.jit
     def _bcn_forward_fused_kernel(
         x_ptr, out_ptr, ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
         N, C, G, HW, rate, bn_eps, gn_eps,
@@ -254,9 +260,7 @@ if triton is not None:
         s, t, ok, idx = _bcn_group_coefficients(
             ws_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, 0, N, C, G, gn_eps, store, CG, BLOCK_N, False
         )
-        hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        m = ok[:, :, None] & (hw < HW)[None, None, :]
-        offs = idx.to(tl.int64)[:, :, None] * HW + hw[None, None, :]
+        offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
         y = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * s[:, :, None] + t[:, :, None]
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -401,9 +405,7 @@ if triton is not None:
             sums_ptr, ch, c_ok, rm, inv_std, d_scale, d_shift, tl.sum(d_gamma, axis=0), tl.sum(d_beta, axis=0),
             g, N, C, G, tl.program_id(1) == 0,
         )  # fmt: skip
-        hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        m = ok[:, :, None] & (hw < HW)[None, None, :]
-        offs = idx.to(tl.int64)[:, :, None] * HW + hw[None, None, :]
+        offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
         dx = (
             tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_dy[:, :, None]
             + tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_x[:, :, None]
@@ -524,16 +526,16 @@ def bcn_forward(
     if update is not None:
         update(workspace[: n * c].view(n, c), workspace[n * c : 2 * n * c].view(n, c))
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    scalars = (n, c, groups, hw, float(update_rate), float(bn_eps), float(gn_eps))
     params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
+    rate_and_eps = (float(update_rate), float(bn_eps), float(gn_eps))
     if fused is not None:
         fused_launch, hw_blocks = fused
         _bcn_forward_fused_kernel[(groups, hw_blocks)](
-            x, y, workspace, *params, *scalars, UPDATE=kernel_update, **fused_launch
+            x, y, workspace, *params, n, c, groups, hw, *rate_and_eps, UPDATE=kernel_update, **fused_launch
         )
         return y, (x, workspace)
     _bcn_forward_finalize_kernel[(groups,)](
-        workspace, *params, n, c, groups, *scalars[4:], UPDATE=kernel_update, **_group_launch(c // groups)
+        workspace, *params, n, c, groups, *rate_and_eps, UPDATE=kernel_update, **_group_launch(c // groups)
     )
     _bcn_apply_kernel[grid_split](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
     return y, (x, workspace)
