@@ -5,6 +5,7 @@ interpreter (tests/conftest.py sets TRITON_INTERPRET=1 there) and the dispatch
 is forced onto them; on a GPU they run compiled, through the normal dispatch.
 """
 import copy
+import functools
 import os
 
 import pytest
@@ -332,12 +333,84 @@ def test_bcn_output_dtype_follows_group_norm_under_autocast(kernels):
         x = nn.functional.conv2d(torch.randn(1, 8, 6, 6, device=DEVICE), torch.randn(8, 8, 3, 3, device=DEVICE))
         out = module(x)
         gn = nn.functional.group_norm(x, 4)
-    assert out.dtype == gn.dtype == group_norm_output_dtype(x)
+        expected = group_norm_output_dtype(x)  # under the same autocast (float32 for group norm on CUDA)
+    assert out.dtype == gn.dtype == expected
     assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------- direct launch
+class FakeKernel:
+    """A jit kernel's launch interface: ``kernel[grid](*args, **meta)`` returns the compiled kernel."""
+
+    def __init__(self, names, constexprs):
+        self.params = [type("Param", (), dict(name=n, is_constexpr=n in constexprs)) for n in names]
+        self.jit_launches, self.direct_launches = [], []
+        kernel = self
+
+        class Compiled:
+            packed_metadata, function = "packed", "function"
+
+            def run(self, *run_args):
+                kernel.direct_launches.append(run_args)
+
+            def launch_metadata(self, grid, stream, *args):
+                return "launch_metadata"
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.jit_launches.append((grid, args, meta))
+            return self.compiled
+
+        return launch
+
+
+def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_kernels, "_stream_getter", lambda: lambda device: ("stream", device))
+    kernel = FakeKernel(["x", "n", "A", "B"], constexprs={"A", "B"})
+    x = torch.zeros(3)
+    launch = functools.partial(triton_kernels._launch, kernel)
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
+    assert len(kernel.jit_launches) == 1 and not kernel.direct_launches
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
+    assert len(kernel.jit_launches) == 1
+    (run_args,) = kernel.direct_launches
+    assert run_args[:7] == (4, 1, 1, ("stream", -1), "function", "packed", "launch_metadata")
+    assert run_args[9] is x and run_args[10:] == (5, 64, True)  # after the two hooks: args, then constexprs
+    launch((4,), (x, 5), dict(A=128, B=True, num_warps=4), "key")  # other constexprs: Triton's launch
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "other key")
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)  # no key: always Triton's launch
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)
+    assert len(kernel.jit_launches) == 5 and len(kernel.direct_launches) == 1
+    # constexprs before a positional argument: the argument order is unknown, never launched directly
+    odd = FakeKernel(["x", "A", "n"], constexprs={"A"})
+    for _ in range(2):
+        triton_kernels._launch(odd, (1,), (x, 5), dict(A=2), "key")
+    assert len(odd.jit_launches) == 2 and not odd.direct_launches
 
 
 # ---------------------------------------------------------------------------------------------- GPU
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels on a GPU (make gpu-check)")
+
+
+@cuda_only
+def test_bcn_direct_launches_equal_triton_launches(monkeypatch):
+    # eval mode with trainable parameters: no estimate update, so every call computes the same
+    module = randomized_bcn(64, 8).eval()
+    x = torch.randn(2, 64, 9, 11, device=DEVICE, requires_grad=True)
+    grad = torch.randn_like(x)
+    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", False)
+    expected = run_bcn(module, x, grad)
+    assert not triton_kernels._COMPILED
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    run_bcn(module, x, grad)  # compiles or finds each kernel through Triton, keeps it
+    assert len(triton_kernels._COMPILED) == 4  # moments + fused forward, sums + fused backward
+    for got, want in zip(run_bcn(module, x, grad), expected):
+        assert torch.equal(got, want)
 
 
 @cuda_only

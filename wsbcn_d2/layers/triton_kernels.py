@@ -26,7 +26,7 @@ Statistics are computed in float32 whatever the input dtype. Set
 import functools
 import math
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -39,6 +39,7 @@ except ImportError:  # CPU-only torch builds ship without triton
 __all__ = ["use_triton", "ws_rows_forward", "ws_rows_backward", "bcn_forward", "bcn_backward"]
 
 _ENABLED = triton is not None and os.environ.get("WSBCN_TRITON", "1") != "0"
+_DIRECT_LAUNCH = os.environ.get("WSBCN_TRITON_DIRECT", "1") != "0"  # 0: every launch through kernel[grid]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -442,6 +443,53 @@ def ws_rows_backward(
     return out
 
 
+_COMPILED: Dict[tuple, tuple] = {}
+"""By (kernel, launch key, meta values): ``(compiled kernel, constexpr values, stream getter)``."""
+
+
+def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optional[tuple] = None) -> None:
+    """``kernel[grid](*args, **meta)``, but with ``key`` launched directly once compiled.
+
+    Triton's ``kernel[grid](...)`` binds and specializes every argument on each call (about
+    10 us of host time per launch on an H200 host, as much as the launch itself), and a
+    detection step on a GPU is host-bound. With ``key``, which with ``meta`` must determine
+    everything Triton specializes on (argument dtypes, integer values up to == 1 / % 16 == 0 /
+    32 bits, pointer alignment to 16 bytes, the device), the compiled kernel of the first call
+    is reused, launched the way Triton itself launches it. Positional ``args`` are the kernel's
+    non-constexpr parameters in order; ``meta`` holds its constexprs and options.
+    """
+    if key is not None:
+        key = (kernel, key, *meta.values())
+    entry = _COMPILED.get(key) if key is not None else None
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        params = getattr(kernel, "params", None)  # a JITFunction's; the interpreter returns no compiled kernel
+        if key is not None and _DIRECT_LAUNCH and params and hasattr(compiled, "packed_metadata"):
+            constexprs = tuple(meta[p.name] for p in params[len(args) :] if p.is_constexpr)
+            if len(args) + len(constexprs) == len(params) and not any(p.is_constexpr for p in params[: len(args)]):
+                _COMPILED[key] = (compiled, constexprs, _stream_getter())
+        return
+    compiled, constexprs, current_stream = entry
+    grid = grid + (1,) * (3 - len(grid))
+    stream = current_stream(args[0].get_device())
+    args += constexprs
+    hooks = triton.knobs.runtime
+    compiled.run(
+        *grid, stream, compiled.function, compiled.packed_metadata, compiled.launch_metadata(grid, stream, *args),
+        hooks.launch_enter_hook, hooks.launch_exit_hook, *args,
+    )  # fmt: skip
+
+
+def _stream_getter() -> Callable[[int], int]:
+    """Triton's ``device index -> current CUDA stream`` (torch's current stream)."""
+    return triton.runtime.driver.active.get_current_stream
+
+
+def _launch_key(*tensors: torch.Tensor) -> tuple:
+    """Dtypes, 16-byte alignment and device of ``tensors``: with the shapes, what Triton specializes on."""
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) + (tensors[0].get_device(),)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -520,24 +568,28 @@ def bcn_forward(
     launch, grid, grid_split = _rows_launch(n * c, hw)
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
     kernel_update = update is None and update_rate > 0
-    _bcn_moments_kernel[grid](
-        x, workspace, n * c, hw, running_mean, running_var, c, SNAPSHOT=kernel_update and fused is not None, **launch
-    )
+    params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
+    key = (x.shape, groups, out_dtype, kernel_update, *_launch_key(x, *params))
+    _launch(
+        _bcn_moments_kernel, grid, (x, workspace, n * c, hw, running_mean, running_var, c),
+        dict(SNAPSHOT=kernel_update and fused is not None, **launch), key,
+    )  # fmt: skip
     if update is not None:
         update(workspace[: n * c].view(n, c), workspace[n * c : 2 * n * c].view(n, c))
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
     rate_and_eps = (float(update_rate), float(bn_eps), float(gn_eps))
     if fused is not None:
         fused_launch, hw_blocks = fused
-        _bcn_forward_fused_kernel[(groups, hw_blocks)](
-            x, y, workspace, *params, n, c, groups, hw, *rate_and_eps, UPDATE=kernel_update, **fused_launch
-        )
+        _launch(
+            _bcn_forward_fused_kernel, (groups, hw_blocks), (x, y, workspace, *params, n, c, groups, hw, *rate_and_eps),
+            dict(UPDATE=kernel_update, **fused_launch), key,
+        )  # fmt: skip
         return y, (x, workspace)
-    _bcn_forward_finalize_kernel[(groups,)](
-        workspace, *params, n, c, groups, *rate_and_eps, UPDATE=kernel_update, **_group_launch(c // groups)
-    )
-    _bcn_apply_kernel[grid_split](x, x, y, workspace, n * c, hw, TWO_INPUTS=False, **launch)
+    _launch(
+        _bcn_forward_finalize_kernel, (groups,), (workspace, *params, n, c, groups, *rate_and_eps),
+        dict(UPDATE=kernel_update, **_group_launch(c // groups)), key,
+    )  # fmt: skip
+    _launch(_bcn_apply_kernel, grid_split, (x, x, y, workspace, n * c, hw), dict(TWO_INPUTS=False, **launch), key)
     return y, (x, workspace)
 
 
@@ -558,16 +610,17 @@ def bcn_backward(
     launch, grid, grid_split = _rows_launch(n * c, hw)
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
-    _bcn_backward_sums_kernel[grid](dy, x, workspace, n * c, hw, **launch)
+    key = (x.shape, groups, *_launch_key(dy, x, bn_weight, bn_bias, gamma))
+    _launch(_bcn_backward_sums_kernel, grid, (dy, x, workspace, n * c, hw), launch, key)
     dx = torch.empty_like(x)
     args = (workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw)
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
     if fused is not None:
         fused_launch, hw_blocks = fused
-        _bcn_backward_fused_kernel[(groups, hw_blocks)](dy, x, dx, *args, **fused_launch)
+        _launch(_bcn_backward_fused_kernel, (groups, hw_blocks), (dy, x, dx, *args), fused_launch, key)
     else:
-        _bcn_backward_finalize_kernel[(groups,)](*args, **_group_launch(c // groups))
-        _bcn_apply_kernel[grid_split](dy, x, dx, workspace, n * c, hw, TWO_INPUTS=True, **launch)
+        _launch(_bcn_backward_finalize_kernel, (groups,), args, _group_launch(c // groups), key)
+        _launch(_bcn_apply_kernel, grid_split, (dy, x, dx, workspace, n * c, hw), dict(TWO_INPUTS=True, **launch), key)
     grads = 5 * n * c  # slices, not Tensor.split: its symbolic-shape checks cost host time
     return (
         dx,
