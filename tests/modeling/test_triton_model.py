@@ -5,10 +5,13 @@ images with the kernels run by Triton's interpreter (tests/conftest.py): a froze
 FPN on BCN's fused kernels and a box head with enough RoIs for its per-group kernels.
 """
 import copy
+import statistics
 
 import pytest
 import torch
+from detectron2.layers import batched_nms
 from detectron2.modeling import build_model
+from detectron2.modeling.proposal_generator import proposal_utils
 from detectron2.utils.events import EventStorage
 
 from helpers import DEMO_CONFIG, load_config, synthetic_batch
@@ -25,18 +28,33 @@ def train_step(model, batch):
     return {k: v.detach() for k, v in losses.items()}
 
 
+def gradient_errors(model, reference) -> dict:
+    """Per parameter: ``|grad - reference grad| / |reference grad|`` (Frobenius norms, float64)."""
+    ref = {n: p.grad.double() for n, p in reference.named_parameters() if p.grad is not None}
+    return {
+        n: float((p.grad.double() - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
 def check_step_against_torch_code(monkeypatch, cfg, batch, num_ws_convs: int, min_grads: int) -> None:
-    """Losses, parameter gradients and estimates of one step: Triton kernels vs the torch code."""
+    """Losses, parameter gradients and estimates of one step: Triton kernels vs the torch code.
+
+    Gradients are compared with a float64 step of the torch code, against which the float32
+    torch code sets the bar: at initialization the backbone's gradients are ill-conditioned
+    (on an H200, R-50-FPN at 256x320, both float32 codes were 1-3% off float64 in norm).
+    """
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    # zeroed RPN predictors: proposals = anchors in both runs, whatever the features' last bits (otherwise
+    # zeroed RPN predictors: proposals = anchors in all runs, whatever the features' last bits (otherwise
     # rounding differences reorder near-equal objectness scores, and the heads see other RoIs)
     head = model.proposal_generator.rpn_head
     with torch.no_grad():
         for layer in (head.objectness_logits, head.anchor_deltas):
             layer.weight.zero_()
             layer.bias.zero_()
-    reference = copy.deepcopy(model)
+    reference, reference64 = copy.deepcopy(model), copy.deepcopy(model).double()
     assert sum(isinstance(m, WSConv2d) for m in model.modules()) == num_ws_convs
 
     torch.manual_seed(1)  # same RoI sampling
@@ -45,14 +63,19 @@ def check_step_against_torch_code(monkeypatch, cfg, batch, num_ws_convs: int, mi
         m.setattr(triton_kernels, "use_triton", lambda x: False)
         torch.manual_seed(1)
         expected = train_step(reference, batch)
+    with monkeypatch.context() as m:
+        # detectron2 decodes boxes in float32: torchvision's CPU nms then wants float32 scores too (the
+        # zeroed RPN scores all 0, which the cast keeps)
+        m.setattr(proposal_utils, "batched_nms", lambda boxes, scores, *args: batched_nms(boxes, scores.float(), *args))
+        torch.manual_seed(1)
+        train_step(reference64, batch)  # float64: the torch code on any device
     for key in expected:
         torch.testing.assert_close(losses[key], expected[key], rtol=1e-3, atol=1e-4, msg=key)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys() and len(grads) > min_grads
-    for name, grad in grads.items():
-        scale = ref_grads[name].abs().max().clamp_min(1e-8)
-        assert (grad - ref_grads[name]).abs().max() / scale < 1e-2, name
+    errors, bar = gradient_errors(model, reference64), gradient_errors(reference, reference64)
+    assert errors.keys() == bar.keys() and len(errors) > min_grads
+    for name, error in errors.items():  # H200: at most 1.9x the torch code's error
+        assert error <= 3 * bar[name] + 1e-4, (name, error, bar[name])
+    assert statistics.median(errors.values()) <= 2 * statistics.median(bar.values()) + 1e-6
     for mod, ref in zip(model.modules(), reference.modules()):
         if isinstance(mod, BatchChannelNorm2d):
             torch.testing.assert_close(mod.batch_norm.running_var, ref.batch_norm.running_var, rtol=1e-4, atol=1e-5)
