@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (`make gpu-check`): the layer tests with the Triton kernels compiled on CUDA
 # (full-size shapes included) and a CUDA training step through both code paths, then
-# tools/benchmark_layers.py (one BCN layer against one GroupNorm, host and wall time per call, Triton
-# and torch code), then tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32
-# and under bfloat16 autocast, and at 800 px through the torch code (WSBCN_TRITON=0). The tables
+# tools/benchmark_layers.py (one BCN layer against one GroupNorm, host and wall time per call: Triton
+# kernels launched directly, through Triton's launcher (WSBCN_TRITON_DIRECT=0), and the torch code),
+# then tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32 and under bfloat16
+# autocast, and at 800 px through the torch code (WSBCN_TRITON=0). The tables
 # land in $GPU_CHECK_OUT; the exit status is the tests' (the benchmarks run either way).
 # Environment: PYTHON (default python3), GPU_CHECK_OUT (default docs/gpu), GPU_CHECK_REPS (20).
 set -uo pipefail
@@ -25,8 +26,9 @@ bench() {  # NAME ARGS...
 }
 # one norm layer, training and inference: host and wall time per call against GroupNorm
 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers.md" || tests=1
+WSBCN_TRITON_DIRECT=0 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers_triton_launch.md" || tests=1
 WSBCN_TRITON=0 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers_torch_code.md" || tests=1
-cat "$OUT/benchmark_layers.md" "$OUT/benchmark_layers_torch_code.md"
+cat "$OUT"/benchmark_layers*.md
 bench benchmark_fp32 --sizes 800 1333 --reps "$REPS"
 bench benchmark_bf16 --sizes 800 1333 --reps "$REPS" --amp
 WSBCN_TRITON=0 bench benchmark_fp32_torch_code --sizes 800 --reps 5
