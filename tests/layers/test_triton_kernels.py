@@ -385,6 +385,12 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)  # no key: always Triton's launch
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)
     assert len(kernel.jit_launches) == 5 and len(kernel.direct_launches) == 1
+    monkeypatch.setattr(triton_kernels, "_MAX_COMPILED", 3)  # full: starts over
+    assert len(triton_kernels._COMPILED) == 3
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
+    assert len(triton_kernels._COMPILED) == 1
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
+    assert len(kernel.jit_launches) == 6 and len(kernel.direct_launches) == 2
     # constexprs before a positional argument: the argument order is unknown, never launched directly
     odd = FakeKernel(["x", "A", "n"], constexprs={"A"})
     for _ in range(2):
