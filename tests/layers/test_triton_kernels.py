@@ -403,6 +403,25 @@ cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compi
 
 
 @cuda_only
+def test_ws_direct_launches_equal_triton_launches(monkeypatch):
+    def standardize_and_backward():
+        convs = ws_convs()
+        WSConvGroup(convs)
+        weights = [conv.standardized_weight() for conv in convs]
+        sum((w * w.detach().cos()).sum() for w in weights).backward()
+        return [w.detach() for w in weights] + [conv.weight.grad for conv in convs]
+
+    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", False)
+    expected = standardize_and_backward()
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    standardize_and_backward()
+    assert len(triton_kernels._COMPILED) == 2  # forward, backward
+    for got, want in zip(standardize_and_backward(), expected):
+        assert torch.equal(got, want)
+
+
+@cuda_only
 def test_bcn_direct_launches_equal_triton_launches(monkeypatch):
     # eval mode with trainable parameters: no estimate update, so every call computes the same
     module = randomized_bcn(64, 8).eval()

@@ -21,7 +21,7 @@ against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
   launches each).
 
 Statistics are computed in float32 whatever the input dtype. After the first
-launch for a given shape, BCN's kernels are launched through their compiled
+launch for a given shape, the kernels are launched through their compiled
 launcher, without Triton's per-call argument binding (:func:`_launch`). Set
 ``WSBCN_TRITON=0`` to use the torch code on CUDA too, ``WSBCN_TRITON_DIRECT=0``
 to launch every kernel through Triton (for comparisons).
@@ -429,7 +429,10 @@ def ws_rows_forward(
     w_hat = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
     std = torch.empty(row_start.shape, dtype=torch.float32, device=flat.device)
     if row_start.numel():
-        _ws_forward_kernel[(row_start.numel(),)](flat, w_hat, std, row_start, row_len, eps, BLOCK=512)
+        _launch(
+            _ws_forward_kernel, (row_start.numel(),), (flat, w_hat, std, row_start, row_len, float(eps)),
+            dict(BLOCK=512), _launch_key(flat, row_start, row_len),
+        )  # fmt: skip
     return w_hat, std
 
 
@@ -440,9 +443,11 @@ def ws_rows_backward(
     """Gradient of :func:`ws_rows_forward` with respect to ``flat``, in float32."""
     out = torch.empty_like(w_hat)
     if row_start.numel():
-        _ws_backward_kernel[(row_start.numel(),)](
-            grad.contiguous(), w_hat, std, out, row_start, row_len, eps, BLOCK=512
-        )
+        grad = grad.contiguous()
+        _launch(
+            _ws_backward_kernel, (row_start.numel(),), (grad, w_hat, std, out, row_start, row_len, float(eps)),
+            dict(BLOCK=512), _launch_key(grad, w_hat, row_start, row_len),
+        )  # fmt: skip
     return out
 
 
