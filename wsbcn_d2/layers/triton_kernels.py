@@ -464,11 +464,12 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
     Triton's ``kernel[grid](...)`` binds and specializes every argument on each call: 18-20 us
     of host time per launch on an H200 host, against 9 us through the compiled kernel's own
     launcher, and a detection step on a GPU is host-bound (there, direct launches cut a BCN
-    layer's forward + backward by 280-380 us of host time). With ``key``, which with ``meta`` must determine
-    everything Triton specializes on (argument dtypes, integer values up to == 1 / % 16 == 0 /
-    32 bits, pointer alignment to 16 bytes, the device), the compiled kernel of the first call
-    is reused, launched the way Triton itself launches it. Positional ``args`` are the kernel's
-    non-constexpr parameters in order; ``meta`` holds its constexprs and options.
+    layer's forward + backward by 280-380 us of host time). With ``key``, which with ``meta``
+    must determine everything Triton specializes on (argument dtypes, integer values up to
+    == 1 / % 16 == 0 / 32 bits, pointer alignment to 16 bytes, the device), the compiled kernel
+    of the first call is reused, launched the way Triton itself launches it. Positional
+    ``args`` are the kernel's non-constexpr parameters in order; ``meta`` holds its constexprs
+    and options.
     """
     if key is not None:
         key = (kernel, key, *meta.values())
