@@ -391,6 +391,14 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     assert len(triton_kernels._COMPILED) == 1
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
     assert len(kernel.jit_launches) == 6 and len(kernel.direct_launches) == 2
+    # a launcher that refuses the arguments (another Triton): Triton's launch, no direct launches from then on
+    def refuse(*run_args):
+        raise TypeError("launcher signature")
+
+    monkeypatch.setattr(kernel.compiled, "run", refuse)
+    launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
+    assert len(kernel.jit_launches) == 7 and not triton_kernels._DIRECT_LAUNCH and not triton_kernels._COMPILED
+    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
     # constexprs before a positional argument: the argument order is unknown, never launched directly
     odd = FakeKernel(["x", "A", "n"], constexprs={"A"})
     for _ in range(2):

@@ -27,6 +27,7 @@ launcher, without Triton's per-call argument binding (:func:`_launch`). Set
 to launch every kernel through Triton (for comparisons).
 """
 import functools
+import logging
 import math
 import os
 from typing import Callable, Dict, Optional, Tuple
@@ -469,7 +470,8 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
     == 1 / % 16 == 0 / 32 bits, pointer alignment to 16 bytes, the device), the compiled kernel
     of the first call is reused, launched the way Triton itself launches it. Positional
     ``args`` are the kernel's non-constexpr parameters in order; ``meta`` holds its constexprs
-    and options.
+    and options. Should a Triton version's launcher take other arguments, the launch goes
+    through Triton and direct launches stop, with a warning.
     """
     if key is not None:
         key = (kernel, key, *meta.values())
@@ -485,13 +487,28 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
                 _COMPILED[key] = (compiled, constexprs, _stream_getter())
         return
     compiled, constexprs, current_stream = entry
-    grid = grid + (1,) * (3 - len(grid))
-    stream = current_stream(args[0].get_device())
-    args += constexprs
-    hooks = triton.knobs.runtime
-    compiled.run(
-        *grid, stream, compiled.function, compiled.packed_metadata, compiled.launch_metadata(grid, stream, *args),
-        hooks.launch_enter_hook, hooks.launch_exit_hook, *args,
+    grid3 = grid + (1,) * (3 - len(grid))
+    all_args = args + constexprs
+    try:
+        stream = current_stream(args[0].get_device())
+        hooks = triton.knobs.runtime
+        compiled.run(
+            *grid3, stream, compiled.function, compiled.packed_metadata,
+            compiled.launch_metadata(grid3, stream, *all_args), hooks.launch_enter_hook, hooks.launch_exit_hook,
+            *all_args,
+        )  # fmt: skip
+    except (AttributeError, TypeError) as e:  # a Triton whose launcher differs: raised before launching
+        _stop_direct_launches(e)
+        kernel[grid](*args, **meta)
+
+
+def _stop_direct_launches(error: Exception) -> None:
+    global _DIRECT_LAUNCH
+    _DIRECT_LAUNCH = False
+    _COMPILED.clear()
+    logging.getLogger(__name__).warning(
+        "Triton kernels: direct launches failed (%s: %s) with triton %s; launching through Triton from now on",
+        type(error).__name__, error, triton.__version__,
     )  # fmt: skip
 
 
