@@ -1,5 +1,6 @@
-"""Shared test helpers: configs from the repository, a tiny synthetic training input, and a
-check that tools/train_net.py fails cleanly on bad input."""
+"""Shared test helpers: configs from the repository, a tiny synthetic training input, the
+scripts of tools/ as modules, and a check that tools/train_net.py fails cleanly on bad input."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +21,14 @@ TINY = [  # tools/train_net.py overrides for a seconds-long run of DEMO_CONFIG o
     "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "1",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
 ]
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_config(relpath: str, *opts) -> CfgNode:

@@ -10,11 +10,10 @@ import statistics
 import pytest
 import torch
 from detectron2.layers import batched_nms
-from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator import proposal_utils
 from detectron2.utils.events import EventStorage
 
-from helpers import DEMO_CONFIG, load_config, synthetic_batch
+from helpers import DEMO_CONFIG, load_config, load_tool, synthetic_batch
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
 
 pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
@@ -45,15 +44,9 @@ def check_step_against_torch_code(monkeypatch, cfg, batch, num_ws_convs: int, mi
     torch code sets the bar: at initialization the backbone's gradients are ill-conditioned
     (on an H200, R-50-FPN at 256x320, both float32 codes were 1-3% off float64 in norm).
     """
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
     # zeroed RPN predictors: proposals = anchors in all runs, whatever the features' last bits (otherwise
     # rounding differences reorder near-equal objectness scores, and the heads see other RoIs)
-    head = model.proposal_generator.rpn_head
-    with torch.no_grad():
-        for layer in (head.objectness_logits, head.anchor_deltas):
-            layer.weight.zero_()
-            layer.bias.zero_()
+    model = load_tool("benchmark").build_benchmark_model(cfg, seed=0).train()
     reference, reference64 = copy.deepcopy(model), copy.deepcopy(model).double()
     assert sum(isinstance(m, WSConv2d) for m in model.modules()) == num_ws_convs
 

@@ -1,22 +1,18 @@
 """tools/benchmark.py on the small demo model at 64 px, one repetition (no timing thresholds)."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-from helpers import CONFIG_DIR, REPO
+from helpers import CONFIG_DIR, load_tool
 
 CONFIG = os.path.join(CONFIG_DIR, "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark")
 
 
 def test_measure_compares_variants_on_equal_work(benchmark):

@@ -1,19 +1,9 @@
 """tools/benchmark_layers.py on a small input, on CPU (no timing thresholds)."""
-import importlib.util
-import os
-
-from helpers import REPO
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_layers", os.path.join(REPO, "tools", "benchmark_layers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_tool
 
 
 def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
-    tool = load_tool()
+    tool = load_tool("benchmark_layers")
     results = tool.measure((2, 64, 5, 7), "cpu", reps=2, calls=3)
     assert set(results) == {"GN", "BCN"}
     for times in results.values():
