@@ -338,6 +338,19 @@ def test_bcn_output_dtype_follows_group_norm_under_autocast(kernels):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_bcn_is_once_differentiable(kernels, monkeypatch, path):
+    if path == "torch":
+        torch_path(monkeypatch)
+    module = randomized_bcn(8, 4).eval()  # no estimate update: both calls compute the same function
+    x = torch.randn(2, 8, 4, 4, device=DEVICE, requires_grad=True)
+    (dx,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(module(x).square().sum(), x)
+    torch.testing.assert_close(dx, expected)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
 # ----------------------------------------------------------------------------------- direct launch
 class FakeKernel:
     """A jit kernel's launch interface: ``kernel[grid](*args, **meta)`` returns the compiled kernel."""
@@ -378,8 +391,16 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
     assert len(kernel.jit_launches) == 1
     (run_args,) = kernel.direct_launches
-    assert run_args[:7] == (4, 1, 1, ("stream", -1), "function", "packed", "launch_metadata")
+    # no launch hooks set: no launch metadata, None for the hooks
+    assert run_args[:9] == (4, 1, 1, ("stream", -1), "function", "packed", None, None, None)
     assert run_args[9] is x and run_args[10:] == (5, 64, True)  # after the two hooks: args, then constexprs
+    # a profiler's hook: the launch metadata and Triton's hooks go to the launcher
+    with monkeypatch.context() as m:
+        hooks = triton_kernels.triton.knobs.runtime
+        m.setattr(hooks, "launch_enter_hook", type(hooks.launch_enter_hook)())
+        hooks.launch_enter_hook.add(lambda metadata: None)
+        launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
+        assert kernel.direct_launches.pop()[6:9] == ("launch_metadata", hooks.launch_enter_hook, hooks.launch_exit_hook)
     launch((4,), (x, 5), dict(A=128, B=True, num_warps=4), "key")  # other constexprs: Triton's launch
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "other key")
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)  # no key: always Triton's launch

@@ -148,6 +148,15 @@ class _AffineGroupNorm(torch.autograd.Function):
         return (dx.to(x.dtype), *grads, None, None, None, None, None)
 
 
+def _triton_bcn_backward(ctx, dy: torch.Tensor) -> tuple:
+    *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
+    dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
+    d_bn_weight, d_bn_bias, d_weight, d_bias = (
+        g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+    )
+    return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, None
+
+
 class _TritonBCN(torch.autograd.Function):
     """The function of :class:`_AffineGroupNorm`, batch step from its parameters, in Triton kernels.
 
@@ -158,22 +167,21 @@ class _TritonBCN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *args):
-        # the arguments of triton_kernels.bcn_forward; args: the eps, rate, update and dtype ones
-        y, saved = triton_kernels.bcn_forward(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *args)
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, options: tuple):
+        # options: the eps, rate, update and dtype arguments of triton_kernels.bcn_forward, in one
+        # argument (each argument of Function.apply costs host time)
+        y, saved = triton_kernels.bcn_forward(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *options)
         ctx.save_for_backward(*saved, bn_weight, bn_bias, weight)
         ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
-        dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
-        d_bn_weight, d_bn_bias, d_weight, d_bias = (
-            g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
-        )
-        return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, None, None, None, None, None, None
+        # once differentiable, as _AffineGroupNorm; once_differentiable's wrapper costs host time on
+        # every call, so it only serves backward passes that build a graph (create_graph=True)
+        if torch.is_grad_enabled():
+            return torch.autograd.function.once_differentiable(_triton_bcn_backward)(ctx, dy)
+        return _triton_bcn_backward(ctx, dy)
 
 
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
@@ -323,25 +331,21 @@ class BatchChannelNorm2d(nn.GroupNorm):
                 self.eps,
             )
         out_dtype = group_norm_output_dtype(x)
-        spatial_size = math.prod(x.shape[2:])
         update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
         if triton_kernels.use_triton(x) and x.numel() > 0:
             # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them
             sync: Optional[Callable] = None
             if update and comm.get_world_size() > 1:
-                sync = functools.partial(bn.update_estimates, spatial_size=spatial_size)
-            rate = bn.update_rate if update else 0.0
-            args = (
-                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias,
-                bn.eps, self.eps, rate, sync, out_dtype,
-            )  # fmt: skip
-            if torch.is_grad_enabled() and any(t.requires_grad for t in args[:7]):
-                return _TritonBCN.apply(*args)
+                sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
+            tensors = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias)
+            options = (bn.eps, self.eps, bn.update_rate if update else 0.0, sync, out_dtype)
+            if torch.is_grad_enabled() and any([t.requires_grad for t in tensors]):
+                return _TritonBCN.apply(*tensors, options)
             # inference, frozen stages: no autograd function and its host overhead
-            return triton_kernels.bcn_forward(*args)[0]
+            return triton_kernels.bcn_forward(*tensors, *options)[0]
         mean, var = channel_moments(x)
         if update:
-            bn.update_estimates(mean, var, spatial_size)
+            bn.update_estimates(mean, var, math.prod(x.shape[2:]))
         scale, shift = self.batch_step_affine()
         return _AffineGroupNorm.apply(
             x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype

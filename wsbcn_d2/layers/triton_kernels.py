@@ -491,12 +491,12 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
     all_args = args + constexprs
     try:
         stream = current_stream(args[0].get_device())
-        hooks = triton.knobs.runtime
+        enter_hook, exit_hook = _launch_hooks()
+        # Triton builds the launch metadata whenever its hook chains exist, even empty; it is the hooks' input
+        metadata = None if enter_hook is None else compiled.launch_metadata(grid3, stream, *all_args)
         compiled.run(
-            *grid3, stream, compiled.function, compiled.packed_metadata,
-            compiled.launch_metadata(grid3, stream, *all_args), hooks.launch_enter_hook, hooks.launch_exit_hook,
-            *all_args,
-        )  # fmt: skip
+            *grid3, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook, exit_hook, *all_args
+        )
     except (AttributeError, TypeError) as e:  # a Triton whose launcher differs: raised before launching
         _stop_direct_launches(e)
         kernel[grid](*args, **meta)
@@ -512,6 +512,19 @@ def _stop_direct_launches(error: Exception) -> None:
     )  # fmt: skip
 
 
+def _launch_hooks() -> Tuple[Optional[Callable], Optional[Callable]]:
+    """Triton's launch enter and exit hooks (a profiler's), or ``(None, None)`` when none is set.
+
+    Triton's launchers call a hook unless it is None; the hooks are None or plain callables up to
+    Triton 3.4, chains (``HookChain``, with a ``calls`` list) since, never None but often empty.
+    """
+    hooks = triton.knobs.runtime
+    enter_hook, exit_hook = hooks.launch_enter_hook, hooks.launch_exit_hook
+    if getattr(enter_hook, "calls", enter_hook) or getattr(exit_hook, "calls", exit_hook):
+        return enter_hook, exit_hook
+    return None, None
+
+
 def _stream_getter() -> Callable[[int], int]:
     """Triton's ``device index -> current CUDA stream`` (torch's current stream)."""
     return triton.runtime.driver.active.get_current_stream
@@ -519,7 +532,7 @@ def _stream_getter() -> Callable[[int], int]:
 
 def _launch_key(*tensors: torch.Tensor) -> tuple:
     """Dtypes, 16-byte alignment and device of ``tensors``: with the shapes, what Triton specializes on."""
-    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) + (tensors[0].get_device(),)
+    return (*[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors], tensors[0].get_device())
 
 
 def _next_power_of_2(n: int) -> int:
@@ -653,11 +666,5 @@ def bcn_backward(
     else:
         _launch(_bcn_backward_finalize_kernel, (groups,), args, _group_launch(c // groups), key)
         _launch(_bcn_apply_kernel, grid_split, (dy, x, dx, workspace, n * c, hw), dict(TWO_INPUTS=True, **launch), key)
-    grads = 5 * n * c  # slices, not Tensor.split: its symbolic-shape checks cost host time
-    return (
-        dx,
-        workspace[grads : grads + c],
-        workspace[grads + c : grads + 2 * c],
-        workspace[grads + 2 * c : grads + 2 * c + groups],
-        workspace[grads + 2 * c + groups :],
-    )
+    # split_with_sizes, not Tensor.split: the latter's symbolic-shape checks cost host time
+    return (dx, *workspace[5 * n * c :].split_with_sizes((c, c, groups, groups)))
