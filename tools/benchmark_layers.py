@@ -10,13 +10,22 @@ backward (training) and forward under ``no_grad`` (inference): the host time
 and reports the median ratio to GN of the same repetition. On CPU host and
 wall time are the same computation.
 
+``--stub-kernels`` measures the host side without a GPU: on CPU tensors, BCN
+goes through the CUDA code (wrappers, launch keys, direct launches, autograd
+function) with every Triton kernel launch a no-op, so its output is garbage and
+its time is the Python and allocations around the kernels; GroupNorm runs as
+usual, arithmetic included.
+
     .venv/bin/python tools/benchmark_layers.py --device cuda
+    .venv/bin/python tools/benchmark_layers.py --stub-kernels --shapes "tiny 2x256x8x8"
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
@@ -39,7 +48,12 @@ def build_layer(variant: str, channels: int, device: str) -> nn.Module:
 
 
 def time_calls(layer: nn.Module, x: torch.Tensor, grad: Optional[torch.Tensor], calls: int) -> Tuple[float, float]:
-    """(host, wall) seconds per forward + backward call, or per forward under no_grad without ``grad``."""
+    """(host, wall) seconds per forward + backward call, or per forward under no_grad without ``grad``.
+
+    Gradients are set to None after each call, as a training step's ``zero_grad`` does, so that
+    the backward's gradients are stored rather than added to the previous ones.
+    """
+    leaves = [x, *layer.parameters()]
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -50,12 +64,52 @@ def time_calls(layer: nn.Module, x: torch.Tensor, grad: Optional[torch.Tensor], 
     else:
         for _ in range(calls):
             layer(x).backward(grad)
+            for leaf in leaves:
+                leaf.grad = None
     host = time.perf_counter() - start
     sync()
     return host / calls, (time.perf_counter() - start) / calls
 
 
 TIMES = ("train host", "train wall", "infer host", "infer wall")
+
+
+class _NoOpCompiledKernel:
+    """A compiled Triton kernel whose launches do nothing but count; Triton's launch-metadata code is real."""
+
+    name, function, packed_metadata, src = "no-op", None, None, None
+    triton_launches = direct_launches = 0  # through kernel[grid](...), through the compiled kernel's launcher
+    if triton_kernels.triton is not None:
+        launch_metadata = triton_kernels.triton.compiler.CompiledKernel.launch_metadata
+
+    def _init_handles(self) -> None:
+        pass
+
+    def run(self, *args) -> None:
+        self.direct_launches += 1
+
+
+@contextlib.contextmanager
+def stubbed_kernels() -> Iterator[_NoOpCompiledKernel]:
+    """BCN's CUDA code on CPU tensors, with no-op kernel launches; yields the kernel counting them."""
+    jit_function = triton_kernels.triton.runtime.jit.JITFunction
+    if not isinstance(triton_kernels._bcn_moments_kernel, jit_function):
+        raise RuntimeError("stubbed kernels need Triton's compiled-kernel launches: unset TRITON_INTERPRET")
+    compiled = _NoOpCompiledKernel()
+
+    def launch_through_triton(*args, **kwargs) -> _NoOpCompiledKernel:
+        compiled.triton_launches += 1
+        return compiled
+
+    with contextlib.ExitStack() as stack:
+        for target, name, value in (
+            (jit_function, "run", launch_through_triton),
+            (triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES),
+            (triton_kernels, "_stream_getter", lambda: lambda device: 0),
+            (triton_kernels, "_COMPILED", {}),
+        ):
+            stack.enter_context(mock.patch.object(target, name, value))
+        yield compiled
 
 
 def measure(shape: Tuple[int, ...], device: str, reps: int, calls: int) -> Dict[str, Dict[str, List[float]]]:
@@ -102,10 +156,18 @@ def main(argv: Sequence[str] = None) -> str:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per layer")
     parser.add_argument("--calls", type=int, default=50, help="forward + backward calls per repetition")
+    parser.add_argument(
+        "--stub-kernels", action="store_true", help="on CPU: BCN's CUDA code with no-op kernel launches (host time)"
+    )
     args = parser.parse_args(argv)
-    kernels = "triton" if triton_kernels.use_triton(torch.zeros(1, device=args.device)) else "torch"
-    print(f"{args.device}, torch {torch.__version__}, BCN through the {kernels} code", flush=True)
-    table = format_table({name: measure(SHAPES[name], args.device, args.reps, args.calls) for name in args.shapes})
+    if args.stub_kernels and (args.device != "cpu" or triton_kernels.triton is None):
+        parser.error("--stub-kernels runs on CPU (--device cpu) and needs triton installed")
+    with stubbed_kernels() if args.stub_kernels else contextlib.nullcontext():
+        kernels = "triton" if triton_kernels.use_triton(torch.zeros(1, device=args.device)) else "torch"
+        stub = ", kernel launches stubbed" if args.stub_kernels else ""
+        print(f"{args.device}, torch {torch.__version__}, BCN through the {kernels} code{stub}", flush=True)
+        results = {name: measure(SHAPES[name], args.device, args.reps, args.calls) for name in args.shapes}
+    table = format_table(results)
     print(table)
     return table
 

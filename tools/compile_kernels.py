@@ -59,6 +59,7 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
     class Recorder:
         def __init__(self, name: str):
             self.name, self.kernel = name, kernels[name]
+            self.fn = self.kernel.fn  # what triton_kernels._launch keys compiled kernels by
 
         def __getitem__(self, grid):
             def record(*args, **kwargs):

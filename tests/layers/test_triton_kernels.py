@@ -264,6 +264,8 @@ def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches):
         kernel = getattr(triton_kernels, name)
 
         class Counted:
+            fn = kernel.fn
+
             def __getitem__(self, grid, _kernel=kernel):
                 counts["backward" if backward_started else "forward"] += 1
                 return _kernel[grid]
@@ -356,6 +358,7 @@ class FakeKernel:
     """A jit kernel's launch interface: ``kernel[grid](*args, **meta)`` returns the compiled kernel."""
 
     def __init__(self, names, constexprs):
+        self.fn = lambda: None  # the jit function's Python function
         self.params = [type("Param", (), dict(name=n, is_constexpr=n in constexprs)) for n in names]
         self.jit_launches, self.direct_launches = [], []
         kernel = self

@@ -1,5 +1,14 @@
 """tools/benchmark_layers.py on a small input, on CPU (no timing thresholds)."""
-from helpers import load_tool
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import REPO, load_tool
+
+from wsbcn_d2.layers import triton_kernels
 
 
 def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
@@ -12,3 +21,45 @@ def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
             assert all(0 < host <= wall for host, wall in zip(times[f"{mode} host"], times[f"{mode} wall"]))
     table = tool.format_table({"small": results})
     assert table.count("| small |") == 2 and "x)" in table  # BCN's cells carry their ratio to GN
+
+
+STUBBED_RUN = """
+import json, sys, torch
+sys.path.insert(0, "tools")
+import benchmark_layers
+layer = benchmark_layers.build_layer("BCN", 64, "cpu")
+x = torch.randn(2, 64, 5, 7, requires_grad=True)
+estimates = layer.batch_norm.running_mean.clone()
+with benchmark_layers.stubbed_kernels() as kernel:
+    for _ in range(3):
+        layer(x).backward(torch.ones_like(x))
+print(json.dumps(dict(
+    triton=kernel.triton_launches, direct=kernel.direct_launches,
+    estimates_kept=torch.equal(layer.batch_norm.running_mean, estimates),
+    restored=not benchmark_layers.triton_kernels.use_triton(x),
+)))
+"""
+
+
+def test_stubbed_kernels_run_bcn_through_the_cuda_code_without_launching():
+    if triton_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    # compiled kernels' launch path: without the interpreter the tests' process runs under
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", STUBBED_RUN], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(run.stdout.splitlines()[-1])
+    # first call: each of the 4 kernels (moments + fused forward, sums + fused backward) through Triton,
+    # then directly; nothing computed (the kernels would have updated the estimates)
+    assert counts == dict(triton=4, direct=8, estimates_kept=True, restored=True)
+
+
+def test_stubbed_kernels_refuse_the_interpreter():
+    if triton_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    tool = load_tool("benchmark_layers")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the tests run without Triton's interpreter")
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        with tool.stubbed_kernels():
+            pass

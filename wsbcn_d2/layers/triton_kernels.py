@@ -453,7 +453,7 @@ def ws_rows_backward(
 
 
 _COMPILED: Dict[tuple, tuple] = {}
-"""By (kernel, launch key, meta values): ``(compiled kernel, constexpr values, stream getter)``. Keys hold
+"""By (kernel's Python function, launch key, meta values): ``(compiled kernel, constexpr values, stream getter)``. Keys hold
 input shapes: a COCO training run meets some 10^4 (padded image sizes x layers, RoI counts); past
 :data:`_MAX_COMPILED` the dict starts over, and launches go through Triton once more to refill it."""
 _MAX_COMPILED = 1 << 16
@@ -474,7 +474,7 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
     through Triton and direct launches stop, with a warning.
     """
     if key is not None:
-        key = (kernel, key, *meta.values())
+        key = (kernel.fn, key, *meta.values())  # the Python function: a JITFunction hashes in Python
     entry = _COMPILED.get(key) if key is not None else None
     if entry is None:
         compiled = kernel[grid](*args, **meta)
