@@ -10,6 +10,10 @@ backward (training) and forward under ``no_grad`` (inference): the host time
 and reports the median ratio to GN of the same repetition. On CPU host and
 wall time are the same computation.
 
+``--profile`` adds, for the first shape, the torch profiler's table of each
+layer's training calls (host time per op and autograd node, by self time): where
+a layer's host time goes.
+
 ``--stub-kernels`` measures the host side without a GPU: on CPU tensors, BCN
 goes through the CUDA code (wrappers, launch keys, direct launches, autograd
 function) with every Triton kernel launch a no-op, so its output is garbage and
@@ -130,6 +134,17 @@ def measure(shape: Tuple[int, ...], device: str, reps: int, calls: int) -> Dict[
     return results
 
 
+def profile_calls(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, calls: int, rows: int = 15) -> str:
+    """The torch profiler's table of ``calls`` forward + backward calls (after one unprofiled), by self CPU time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    time_calls(layer, x, grad, 1)
+    with torch.profiler.profile(activities=activities) as profiler:
+        time_calls(layer, x, grad, calls)
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def format_table(all_results: Dict[str, Dict[str, Dict[str, List[float]]]]) -> str:
     lines = [
         "| input | variant | " + " | ".join(f"{kind} per call" for kind in TIMES) + " |",
@@ -159,6 +174,7 @@ def main(argv: Sequence[str] = None) -> str:
     parser.add_argument(
         "--stub-kernels", action="store_true", help="on CPU: BCN's CUDA code with no-op kernel launches (host time)"
     )
+    parser.add_argument("--profile", action="store_true", help="also the torch profiler's table per layer")
     args = parser.parse_args(argv)
     if args.stub_kernels and (args.device != "cpu" or triton_kernels.triton is None):
         parser.error("--stub-kernels runs on CPU (--device cpu) and needs triton installed")
@@ -167,8 +183,15 @@ def main(argv: Sequence[str] = None) -> str:
         stub = ", kernel launches stubbed" if args.stub_kernels else ""
         print(f"{args.device}, torch {torch.__version__}, BCN through the {kernels} code{stub}", flush=True)
         results = {name: measure(SHAPES[name], args.device, args.reps, args.calls) for name in args.shapes}
-    table = format_table(results)
-    print(table)
+        table = format_table(results)
+        print(table)
+        if args.profile:
+            shape = SHAPES[args.shapes[0]]
+            x = torch.randn(shape, device=args.device, requires_grad=True)
+            for variant in ("GN", "BCN"):
+                layer = build_layer(variant, shape[1], args.device)
+                print(f"\n{variant}, {args.shapes[0]}, {args.calls} training calls:")
+                print(profile_calls(layer, x, torch.randn_like(x), args.calls))
     return table
 
 

@@ -2,7 +2,8 @@
 # The GPU check (`make gpu-check`): the layer tests with the Triton kernels compiled on CUDA
 # (full-size shapes included) and a CUDA training step through both code paths, then
 # tools/benchmark_layers.py (one BCN layer against one GroupNorm, host and wall time per call: Triton
-# kernels launched directly, through Triton's launcher (WSBCN_TRITON_DIRECT=0), and the torch code),
+# kernels launched directly, with the torch profiler's table of both layers, through Triton's launcher
+# (WSBCN_TRITON_DIRECT=0), and the torch code),
 # then tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32 and under bfloat16
 # autocast, and at 800 px through the torch code (WSBCN_TRITON=0). The tables
 # land in $GPU_CHECK_OUT; the exit status is the tests' (the benchmarks run either way).
@@ -25,7 +26,7 @@ bench() {  # NAME ARGS...
         --json "$OUT/$name.json" --markdown "$OUT/$name.md" "$@" || tests=1
 }
 # one norm layer, training and inference: host and wall time per call against GroupNorm
-"$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers.md" || tests=1
+"$PY" tools/benchmark_layers.py --device cuda --profile > "$OUT/benchmark_layers.md" || tests=1
 WSBCN_TRITON_DIRECT=0 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers_triton_launch.md" || tests=1
 WSBCN_TRITON=0 "$PY" tools/benchmark_layers.py --device cuda > "$OUT/benchmark_layers_torch_code.md" || tests=1
 cat "$OUT"/benchmark_layers*.md

@@ -23,6 +23,14 @@ def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
     assert table.count("| small |") == 2 and "x)" in table  # BCN's cells carry their ratio to GN
 
 
+def test_layer_profile_shows_each_layers_forward_and_backward():
+    tool = load_tool("benchmark_layers")
+    x = torch.randn(2, 64, 5, 7, requires_grad=True)
+    for variant, backward_node in (("GN", "NativeGroupNormBackward"), ("BCN", "_AffineGroupNormBackward")):
+        table = tool.profile_calls(tool.build_layer(variant, 64, "cpu"), x, torch.randn_like(x), calls=3)
+        assert backward_node in table
+
+
 STUBBED_RUN = """
 import json, sys, torch
 sys.path.insert(0, "tools")
