@@ -666,5 +666,5 @@ def bcn_backward(
     else:
         _launch(_bcn_backward_finalize_kernel, (groups,), args, _group_launch(c // groups), key)
         _launch(_bcn_apply_kernel, grid_split, (dy, x, dx, workspace, n * c, hw), dict(TWO_INPUTS=True, **launch), key)
-    # split_with_sizes, not Tensor.split: the latter's symbolic-shape checks cost host time
-    return (dx, *workspace[5 * n * c :].split_with_sizes((c, c, groups, groups)))
+    # one split_with_sizes, no slice before it; not Tensor.split, whose symbolic-shape checks cost host time
+    return (dx, *workspace.split_with_sizes((5 * n * c, c, c, groups, groups))[1:])
