@@ -149,6 +149,7 @@ class _AffineGroupNorm(torch.autograd.Function):
 
 
 def _triton_bcn_backward(ctx, dy: torch.Tensor) -> tuple:
+    """:class:`_TritonBCN`'s backward: the gradients of its inputs, in their dtypes."""
     *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
     dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
     d_bn_weight, d_bn_bias, d_weight, d_bias = (

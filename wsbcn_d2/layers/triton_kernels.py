@@ -453,9 +453,10 @@ def ws_rows_backward(
 
 
 _COMPILED: Dict[tuple, tuple] = {}
-"""By (kernel's Python function, launch key, meta values): ``(compiled kernel, constexpr values, stream getter)``. Keys hold
-input shapes: a COCO training run meets some 10^4 (padded image sizes x layers, RoI counts); past
-:data:`_MAX_COMPILED` the dict starts over, and launches go through Triton once more to refill it."""
+"""By (kernel's Python function, launch key, meta values): ``(compiled kernel, constexpr values, stream
+getter)``. Keys hold input shapes: a COCO training run meets some 10^4 (padded image sizes x layers, RoI
+counts); past :data:`_MAX_COMPILED` the dict starts over, and launches go through Triton once more to
+refill it."""
 _MAX_COMPILED = 1 << 16
 
 
@@ -468,7 +469,8 @@ def _launch(kernel, grid: Tuple[int, ...], args: tuple, meta: dict, key: Optiona
     layer's forward + backward by 280-380 us of host time). With ``key``, which with ``meta``
     must determine everything Triton specializes on (argument dtypes, integer values up to
     == 1 / % 16 == 0 / 32 bits, pointer alignment to 16 bytes, the device), the compiled kernel
-    of the first call is reused, launched the way Triton itself launches it. Positional
+    of the first call is reused, launched the way Triton itself launches it (launch metadata
+    and hooks only when a profiler has set a hook: :func:`_launch_hooks`). Positional
     ``args`` are the kernel's non-constexpr parameters in order; ``meta`` holds its constexprs
     and options. Should a Triton version's launcher take other arguments, the launch goes
     through Triton and direct launches stop, with a warning.
