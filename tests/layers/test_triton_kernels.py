@@ -400,8 +400,14 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     # a profiler's hook: the launch metadata and Triton's hooks go to the launcher
     with monkeypatch.context() as m:
         hooks = triton_kernels.triton.knobs.runtime
-        m.setattr(hooks, "launch_enter_hook", type(hooks.launch_enter_hook)())
-        hooks.launch_enter_hook.add(lambda metadata: None)
+        def hook(metadata):
+            pass
+
+        enter_hook = hook  # a plain callable before Triton's hook chains, else a chain holding it
+        if hasattr(hooks.launch_enter_hook, "add"):
+            enter_hook = type(hooks.launch_enter_hook)()
+            enter_hook.add(hook)
+        m.setattr(hooks, "launch_enter_hook", enter_hook)
         launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
         assert kernel.direct_launches.pop()[6:9] == ("launch_metadata", hooks.launch_enter_hook, hooks.launch_exit_hook)
     launch((4,), (x, 5), dict(A=128, B=True, num_warps=4), "key")  # other constexprs: Triton's launch
