@@ -517,8 +517,9 @@ def _stop_direct_launches(error: Exception) -> None:
 def _launch_hooks() -> Tuple[Optional[Callable], Optional[Callable]]:
     """Triton's launch enter and exit hooks (a profiler's), or ``(None, None)`` when none is set.
 
-    Triton's launchers call a hook unless it is None; the hooks are None or plain callables up to
-    Triton 3.4, chains (``HookChain``, with a ``calls`` list) since, never None but often empty.
+    Triton's launchers call a hook unless it is None; older Triton releases hold None or a plain
+    callable, newer ones (3.8 here) a chain (``HookChain``, with a ``calls`` list), never None but
+    usually empty.
     """
     hooks = triton.knobs.runtime
     enter_hook, exit_hook = hooks.launch_enter_hook, hooks.launch_exit_hook
