@@ -19,7 +19,8 @@ trains with 1-2 per GPU); ``--amp`` runs both under bfloat16 autocast, as
 ``SOLVER.AMP.ENABLED`` does for training.
 
 Each variant's figures are reported as ratios to GN: the median over
-repetitions of the ratio measured in the same repetition, with its min-max.
+repetitions of the ratio measured in the same repetition, with a 95%
+confidence interval of that median (from 6 repetitions on) and its min-max.
 The RPN's two predictors are zeroed so that every variant gets the same
 proposals, hence the same RoIs in its heads; inference keeps 100 detections
 (score threshold 0) so the mask head always runs on the same number of boxes.
@@ -35,13 +36,14 @@ in float32 and bfloat16 (tools/gpu_check.sh).
 import contextlib
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -239,8 +241,28 @@ def _interleaved(
     return results
 
 
-def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
-    """Median of each series, and median / min / max of its per-repetition ratio to the baseline's.
+def median_interval(values: Sequence[float], level: float = 0.95) -> Optional[Tuple[float, float]]:
+    """A distribution-free confidence interval of the median of ``values``, or None (too few values).
+
+    The order statistics ``(x_(k), x_(n+1-k))`` of the sorted values, with the largest
+    ``k`` for which ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``: the interval holds the
+    true median with probability at least ``level`` whatever the distribution of
+    independent repetitions (at 95%: from 6 values on; 30 give the 10th and 21st).
+    """
+    n = len(values)
+    tail, k = 0.0, 0
+    while k < n and tail + math.comb(n, k) / 2**n <= (1 - level) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]]) -> Dict[str, Dict]:
+    """Median of each series, and median / 95% interval of the median / min / max of its
+    per-repetition ratio to the baseline's.
 
     Folded inference is compared with the baseline's inference.
     """
@@ -250,6 +272,7 @@ def _ratio_summary(values: Dict[str, List[float]], base: Dict[str, List[float]])
         out[key] = {
             "median": statistics.median(vals),
             "ratio": statistics.median(ratios),
+            "ratio_interval": median_interval(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
         }
@@ -323,8 +346,9 @@ def format_table(all_results: Dict[int, Dict[str, Dict]], timer: str = "wall") -
     """A markdown table of ratios to the baseline, one row per (size, variant).
 
     ``timer`` picks wall-clock (``"wall"``) or process-CPU (``"cpu"``) times.
-    Ratios are medians over repetitions, with their min-max; the baseline's
-    row holds its absolute figures.
+    Ratios are medians over repetitions, with the median's 95% confidence
+    interval in square brackets (6 repetitions or more) and the ratios' min-max
+    in parentheses; the baseline's row holds its absolute figures.
     """
     suffix = "_s" if timer == "wall" else "_cpu_s"
     time_keys = [f"train{suffix}", f"infer{suffix}", f"infer_folded{suffix}"]
@@ -340,13 +364,17 @@ def format_table(all_results: Dict[int, Dict[str, Dict]], timer: str = "wall") -
                 row += [f"{res['cuda_peak_bytes']['median'] / 2**20:.0f} MiB"] if cuda else []
             else:
                 keys = time_keys + (["cuda_peak_bytes"] if cuda else [])
-                row = [
-                    f"{res[k]['ratio']:.3f} ({res[k]['ratio_min']:.2f}-{res[k]['ratio_max']:.2f})" if k in res else ""
-                    for k in keys
-                ]
+                row = [_ratio_cell(res[k]) if k in res else "" for k in keys]
                 row.insert(3, f"{res['saved_bytes_ratio']:.3f}")
             lines.append(f"| {size} | {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _ratio_cell(summary: Dict) -> str:
+    """``median [interval of the median] (min-max)`` of a ratio (without the interval where it has none)."""
+    interval = summary.get("ratio_interval")
+    interval = f" [{interval[0]:.3f}-{interval[1]:.3f}]" if interval else ""
+    return f"{summary['ratio']:.3f}{interval} ({summary['ratio_min']:.2f}-{summary['ratio_max']:.2f})"
 
 
 def _machine(device: str) -> str:
@@ -434,7 +462,8 @@ def _markdown(report: Dict, argv: Sequence[str]) -> str:
             f"{machine['date']}, {machine['device']}, {machine['threads']} torch thread(s), torch {machine['torch']};",
             f"`{report['config_file']}` {' '.join(report['opts'])}; {report['images']} image(s) per step, "
             f"{report['precision']}, WS/BCN through the {report['kernels']} code; {report['warmup']} warm-up and "
-            f"{report['reps']} interleaved repetitions per variant; times are {timer}.",
+            f"{report['reps']} interleaved repetitions per variant; times are {timer}. Ratios to GN: median over",
+            "repetitions [its 95% confidence interval, from 6 repetitions] (min-max).",
             "",
             f"    nice -n 10 .venv/bin/python tools/benchmark.py {shlex.join(argv)}",
             "",

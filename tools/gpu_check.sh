@@ -7,12 +7,13 @@
 # then tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32 and under bfloat16
 # autocast, and at 800 px through the torch code (WSBCN_TRITON=0). The tables
 # land in $GPU_CHECK_OUT; the exit status is the tests' (the benchmarks run either way).
-# Environment: PYTHON (default python3), GPU_CHECK_OUT (default docs/gpu), GPU_CHECK_REPS (20).
+# Environment: PYTHON (default python3), GPU_CHECK_OUT (default docs/gpu), GPU_CHECK_REPS (30: a 95% interval
+# of the median ratio from the 10th to the 21st ratio).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-docs/gpu}
-REPS=${GPU_CHECK_REPS:-20}
+REPS=${GPU_CHECK_REPS:-30}
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA device'" || exit 1
 
