@@ -210,11 +210,12 @@ def bcn_state(module: BatchChannelNorm2d) -> dict:
     return {"running_mean": bn.running_mean, "running_var": bn.running_var}
 
 
-def run_bcn(module: BatchChannelNorm2d, x: torch.Tensor, grad: torch.Tensor):
-    """Output, input gradient and the four parameter gradients of one forward/backward."""
+def run_bcn(module: BatchChannelNorm2d, x: torch.Tensor, grad: torch.Tensor, forward=None):
+    """Output, input gradient and the four parameter gradients of one forward/backward (of ``forward(x)``,
+    by default ``module(x)``)."""
     x = x.detach().requires_grad_()
     module.zero_grad(set_to_none=True)
-    out = module(x)
+    out = (forward or module)(x)
     out.backward(grad.to(out.dtype))
     params = [module.batch_norm.weight, module.batch_norm.bias, module.weight, module.bias]
     return [out, x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -249,11 +250,56 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode,
         with monkeypatch.context() as m:
             torch_path(m)
             expected = run_bcn(reference, x.double(), grad.double())
-        names = ["output", "dx", "d_bn_weight", "d_bn_bias", "d_weight", "d_bias"]
-        for name, a, b in zip(names, got, expected):
+        for name, a, b in zip(BCN_GRADIENTS, got, expected):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
         for key, value in bcn_state(module).items():
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+
+
+BCN_GRADIENTS = ["output", "dx", "d_bn_weight", "d_bn_bias", "d_weight", "d_bias"]
+
+
+@pytest.mark.parametrize("path", list(BCN_PATHS))
+@pytest.mark.parametrize("shape", BCN_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bcn_fused_relu_matches_relu_after_float64_torch_path(kernels, monkeypatch, shape, training, path):
+    monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
+    n, c, h, w, groups = shape
+    module = randomized_bcn(c, groups).train(training)
+    reference = copy.deepcopy(module).double()
+    fused_torch_path = copy.deepcopy(module).double()
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        x = (torch.randn(n, c, h, w, generator=g) * 3 + step).to(DEVICE)
+        grad = torch.randn(n, c, h, w, generator=g).to(DEVICE)
+        got = run_bcn(module, x, grad, lambda x: module(x, relu=True))
+        with monkeypatch.context() as m:
+            torch_path(m)
+            expected = run_bcn(reference, x.double(), grad.double(), lambda x: torch.relu(reference(x)))
+            fused_torch = run_bcn(fused_torch_path, x.double(), grad.double(), lambda x: fused_torch_path(x, relu=True))
+        assert 0 < (got[0] == 0).float().mean() < 1  # the ReLU clips a part of the output
+        for name, a, b, t in zip(BCN_GRADIENTS, got, expected, fused_torch):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
+            torch.testing.assert_close(t, b, msg=lambda s: f"torch path, {name}, step {step}: {s}")
+        for key, value in bcn_state(module).items():
+            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+    if not training:  # the inference path (no autograd function) too
+        with torch.no_grad():
+            torch.testing.assert_close(module(x, relu=True), got[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bcn_fused_relu_equals_relu_after_the_kernels(kernels, monkeypatch, dtype):
+    # the fused ReLU's mask is taken from the output as stored (rounded to its dtype), as torch.relu's backward
+    for path in BCN_PATHS.values():
+        monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", path)
+        fused, separate = randomized_bcn(16, 4), randomized_bcn(16, 4)
+        x = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
+        grad = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
+        got = run_bcn(fused, x, grad, lambda x: fused(x, relu=True))
+        expected = run_bcn(separate, x, grad, lambda x: torch.relu(separate(x)))
+        for name, a, b in zip(BCN_GRADIENTS, got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
 
 
 @pytest.mark.parametrize("n, launches", [(2, (2, 2)), (300, (3, 3))])

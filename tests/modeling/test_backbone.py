@@ -1,10 +1,18 @@
-"""WS-ResNet backbones at every depth and ResNeXt, and config validation at build time."""
+"""WS-ResNet backbones at every depth and ResNeXt, their blocks' ReLUs in the convs, and config
+validation at build time."""
+import copy
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+from torch import nn
 
+import helpers
 from helpers import load_config
-from wsbcn_d2.layers import WSConv2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
+from wsbcn_d2.modeling import standardize_normed_convs
+from wsbcn_d2.modeling.backbone import relus_into_convs
 
 BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
 
@@ -57,3 +65,55 @@ def test_gn_group_count_and_ws_switch_follow_config():
     backbone = build_backbone(cfg)
     assert backbone.stem.conv1.norm.num_groups == 16
     assert not any(isinstance(m, WSConv2d) for m in backbone.modules())
+
+
+BLOCKS = {  # detectron2's block classes, and the convs whose output a ReLU follows
+    "stem": (lambda norm: BasicStem(3, 16, norm=norm), ["conv1"]),
+    "basic": (lambda norm: BasicBlock(16, 32, stride=2, norm=norm), ["conv1"]),
+    "bottleneck": (lambda norm: BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm=norm), ["conv1", "conv2"]),
+}
+
+
+@pytest.mark.parametrize("code", ["torch", "kernels"])
+@pytest.mark.parametrize("norm", ["GN", "BCN"])
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_relus_into_convs_keeps_each_blocks_function(monkeypatch, block, norm, code):
+    if code == "kernels":
+        if triton_kernels.triton is None:
+            pytest.skip("triton is not installed")
+        monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES)
+    build, relu_convs = BLOCKS[block]
+    torch.manual_seed(0)
+    original = build((lambda c: nn.GroupNorm(4, c)) if norm == "GN" else (lambda c: helpers.randomized_bcn(c, 4)))
+    standardize_normed_convs(original, eps=1e-5)
+    converted = relus_into_convs(copy.deepcopy(original))
+    assert type(converted) is not type(original) and isinstance(converted, type(original))
+    assert all(getattr(converted, name).activation is not None for name in relu_convs)
+    fused = []  # the relu argument of each norm call: True where a BCN applies the ReLU
+    for name in relu_convs:
+        getattr(converted, name).norm.register_forward_pre_hook(
+            lambda m, args, kwargs: fused.append(kwargs.get("relu")), with_kwargs=True
+        )
+
+    x = torch.randn(2, 3 if block == "stem" else 16, 12, 10)
+    results = []
+    for model in (original, converted):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append([out, xi.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert fused == [True if norm == "BCN" else None] * len(relu_convs)
+
+
+def test_ws_backbone_blocks_apply_their_relus_in_the_convs():
+    backbone = build_backbone(load_config(BASE)).bottom_up
+    blocks = [backbone.stem, *(block for stage in backbone.stages for block in stage)]
+    assert {type(b).__name__ for b in blocks} == {"ConvReLUBasicStem", "ConvReLUBottleneckBlock"}
+    fused = [b.conv1 for b in blocks] + [b.conv2 for b in blocks[1:]]
+    assert len(fused) == 1 + 16 * 2
+    assert all(isinstance(c, WSConv2d) and isinstance(c.norm, BatchChannelNorm2d) for c in fused)
+    assert all(isinstance(c.activation, nn.ReLU) for c in fused)

@@ -38,6 +38,7 @@ def test_lazyconfig_builds_bcn_ws_model():
     assert all(isinstance(model.get_submodule(n).norm, BatchChannelNorm2d) for n in ws)
     assert not model.backbone.bottom_up.stem.conv1.weight.requires_grad  # freeze_at 2
     assert not isinstance(model.proposal_generator.rpn_head.conv, WSConv2d)
+    assert type(model.backbone.bottom_up.res3[0]).__name__ == "ConvReLUBottleneckBlock"  # as the YAML configs'
 
 
 def test_lazyconfig_train_net_trains_a_step(tmp_path):

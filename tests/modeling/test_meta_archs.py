@@ -13,6 +13,7 @@ import torch
 from detectron2 import model_zoo
 from detectron2.layers import Conv2d, CycleBatchNormList
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -118,6 +119,8 @@ def test_ws_exactly_on_normed_convs(built):
         assert isinstance(norm, BatchChannelNorm2d) == bcn_asked, (n, type(norm))
         if not bcn_asked:
             assert isinstance(norm, nn.GroupNorm) and norm.num_groups == cfg.MODEL.GN.NUM_GROUPS
+    # each ReLU after a conv in a ResNet block is that conv's activation (a BCN fuses it), C4's res5 included
+    assert not any(type(m) in (BasicStem, BasicBlock, BottleneckBlock) for m in model.modules())
 
 
 def test_training_step_and_inference(built):

@@ -150,8 +150,8 @@ class _AffineGroupNorm(torch.autograd.Function):
 
 def _triton_bcn_backward(ctx, dy: torch.Tensor) -> tuple:
     """:class:`_TritonBCN`'s backward: the gradients of its inputs, in their dtypes."""
-    *saved, bn_weight, bn_bias, weight = ctx.saved_tensors
-    dx, *grads = triton_kernels.bcn_backward(dy, saved, bn_weight, bn_bias, weight)
+    x, workspace, bn_weight, bn_bias, weight, *relu_output = ctx.saved_tensors
+    dx, *grads = triton_kernels.bcn_backward(dy, (x, workspace), bn_weight, bn_bias, weight, *relu_output)
     d_bn_weight, d_bn_bias, d_weight, d_bias = (
         g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
     )
@@ -164,15 +164,17 @@ class _TritonBCN(torch.autograd.Function):
     Takes the batch step's weight, bias and estimates instead of (scale, shift),
     so the estimate update and the whole per-(N, C) algebra run inside the
     kernels (:func:`triton_kernels.bcn_forward`), and returns the gradients of
-    the batch step's affine directly.
+    the batch step's affine directly. With the ReLU fused, it keeps its output
+    for the backward (which the next conv keeps anyway, as its input).
     """
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, options: tuple):
-        # options: the eps, rate, update and dtype arguments of triton_kernels.bcn_forward, in one
-        # argument (each argument of Function.apply costs host time)
+        # options: the eps, rate, update, dtype and relu arguments of triton_kernels.bcn_forward, in
+        # one argument (each argument of Function.apply costs host time)
         y, saved = triton_kernels.bcn_forward(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *options)
-        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight)
+        relu_output = (y,) if options[-1] else ()
+        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, *relu_output)
         ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype)
         return y
 
@@ -268,7 +270,16 @@ class BatchChannelNorm2d(nn.GroupNorm):
     (:func:`triton_kernels.bcn_forward`), estimate update included. The output
     has the dtype a group norm would return (:func:`group_norm_output_dtype`);
     statistics are float32 or wider, the estimates keep their own dtype.
+
+    ``forward(x, relu=True)`` returns ``relu(BCN(x))``: on CUDA the ReLU runs in
+    the kernels' output pass and its gradient in theirs, so a conv + BCN + ReLU
+    costs no ReLU kernels or autograd node of its own (a GPU step at 1-2 images
+    is bound by the host issuing them). :class:`WSConv2d` asks for it when its
+    activation is a ReLU (``fuses_relu``).
     """
+
+    fuses_relu = True
+    """``forward`` takes ``relu=True`` (read by :class:`WSConv2d`)."""
 
     def __init__(
         self,
@@ -318,19 +329,21 @@ class BatchChannelNorm2d(nn.GroupNorm):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return scale, bn.bias - bn.running_mean * scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """BCN of ``x`` (N, C, H, W), then a ReLU if ``relu``."""
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
         bn = self.batch_norm
         if not self._fixed_statistics():
             channels_per_group = self.num_channels // self.num_groups
-            return F.group_norm(
+            y = F.group_norm(
                 bn(x),
                 self.num_groups,
                 self.weight.repeat_interleave(channels_per_group),
                 self.bias.repeat_interleave(channels_per_group),
                 self.eps,
             )
+            return F.relu_(y) if relu else y
         out_dtype = group_norm_output_dtype(x)
         update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
         if triton_kernels.use_triton(x) and x.numel() > 0:
@@ -339,7 +352,7 @@ class BatchChannelNorm2d(nn.GroupNorm):
             if update and comm.get_world_size() > 1:
                 sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
             tensors = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias)
-            options = (bn.eps, self.eps, bn.update_rate if update else 0.0, sync, out_dtype)
+            options = (bn.eps, self.eps, bn.update_rate if update else 0.0, sync, out_dtype, relu)
             if torch.is_grad_enabled() and any([t.requires_grad for t in tensors]):
                 return _TritonBCN.apply(*tensors, options)
             # inference, frozen stages: no autograd function and its host overhead
@@ -348,9 +361,8 @@ class BatchChannelNorm2d(nn.GroupNorm):
         if update:
             bn.update_estimates(mean, var, math.prod(x.shape[2:]))
         scale, shift = self.batch_step_affine()
-        return _AffineGroupNorm.apply(
-            x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype
-        )
+        y = _AffineGroupNorm.apply(x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype)
+        return F.relu_(y) if relu else y
 
     def __prepare_scriptable__(self):
         raise export_error(type(self).__name__)

@@ -106,6 +106,16 @@ if triton is not None:
             tl.store(grad_ptr + start + i + offs, (g - g_mean) * inv_s - w_hat * c, mask=m)
 
     # ---------------------------------------------------------------- BCN
+    @triton.jit
+    def _relu(y):
+        # as torch.relu: negatives to 0, NaN kept
+        return tl.where(y < 0, 0.0, y)
+
+    @triton.jit
+    def _relu_gradient(dy, y_ptrs, m):
+        # the gradient through y = relu(...), from y as stored: 0 where y <= 0 (NaN passes), as torch's
+        return tl.where(tl.load(y_ptrs, mask=m, other=0.0).to(tl.float32) <= 0, 0.0, dy)
+
     # Per-(sample, channel) kernels work on tiles of ROWS rows x BLOCK positions, so that both
     # a 200x272 backbone map and the 7x7 maps of 1000 RoIs fill the GPU.
     @triton.jit
@@ -245,11 +255,11 @@ if triton is not None:
         x_ptr, out_ptr, ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
         N, C, G, HW, rate, bn_eps, gn_eps,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-        UPDATE: tl.constexpr,
+        UPDATE: tl.constexpr, RELU: tl.constexpr,
     ):  # fmt: skip
         # micro-batches (N <= BLOCK_N): one program per (group, block of HW) computes its group's
         # estimates and coefficients (the programs of block 0 store what the backward needs and the
-        # updated estimates) and writes y = x * S + T over its block; no per-group kernel
+        # updated estimates) and writes y = x * S + T (RELU: relu(y)) over its block; no per-group kernel
         g = tl.program_id(0)
         store = tl.program_id(1) == 0
         if UPDATE:  # from the estimates before the update, which one program of the group overwrites
@@ -267,13 +277,16 @@ if triton is not None:
         )
         offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
         y = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * s[:, :, None] + t[:, :, None]
+        if RELU:
+            y = _relu(y)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bcn_apply_kernel(x_ptr, z_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def _bcn_apply_kernel(x_ptr, z_ptr, y_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
+                          RELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         # out = x * A + B (+ z * C) with per-row coefficients at ws[2 NC:] in both workspaces:
-        # y = x * S + T forward, dx = dy * A + D + x * B backward
+        # y = x * S + T forward, dx = dy * A + D + x * B backward; with RELU, y = relu(x * S + T)
+        # forward, and dy = 0 where the forward's output y (at y_ptr) is <= 0 backward
         coef_ptr = ws_ptr + 2 * NC
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
@@ -282,15 +295,23 @@ if triton is not None:
         idx = rows.to(tl.int64)[:, None] * HW + offs
         a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)[:, None]
         b = tl.load(coef_ptr + NC + rows, mask=row_ok, other=0.0)[:, None]
-        out = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32) * a + b
+        x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        if TWO_INPUTS and RELU:
+            x = _relu_gradient(x, y_ptr + idx, m)
+        out = x * a + b
         if TWO_INPUTS:
             c = tl.load(coef_ptr + 2 * NC + rows, mask=row_ok, other=0.0)[:, None]
             out += tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32) * c
+        elif RELU:
+            out = _relu(out)
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bcn_backward_sums_kernel(dy_ptr, x_ptr, sums_ptr, NC, HW, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # sum(dy) and sum(dy * x) of each row over HW, at the start of the backward workspace
+    def _bcn_backward_sums_kernel(
+        dy_ptr, x_ptr, y_ptr, sums_ptr, NC, HW, RELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    ):  # fmt: skip
+        # sum(dy) and sum(dy * x) of each row over HW, at the start of the backward workspace (RELU:
+        # of the gradient through the ReLU, dy where the forward's output y > 0)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = rows.to(tl.int64)[:, None] * HW
@@ -300,6 +321,8 @@ if triton is not None:
         for i in range(0, HW, BLOCK):
             m = row_ok[:, None] & (i + offs < HW)
             dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
+            if RELU:
+                dy = _relu_gradient(dy, y_ptr + base + i + offs, m)
             s_dy += dy
             s_dyx += dy * tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(sums_ptr + rows, tl.sum(s_dy, axis=1), mask=row_ok)
@@ -394,13 +417,14 @@ if triton is not None:
 
     @triton.jit
     def _bcn_backward_fused_kernel(
-        dy_ptr, x_ptr, dx_ptr, sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
+        dy_ptr, x_ptr, y_ptr, dx_ptr, sums_ptr, ws_ptr, bnw_ptr, bnb_ptr, gamma_ptr,
         N, C, G, HW,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        RELU: tl.constexpr,
     ):  # fmt: skip
         # micro-batches (N <= BLOCK_N): one program per (group, block of HW) computes its group's
         # coefficients (the programs of block 0 store the parameter gradients) and writes
-        # dx = A * dy + B * x + D over its block; no per-group kernel
+        # dx = A * dy + B * x + D over its block (RELU: dy through the ReLU); no per-group kernel
         g = tl.program_id(0)
         ch, c_ok, rm, inv_std, a, b = _bcn_group_batch_step(ws_ptr, bnw_ptr, bnb_ptr, g, N, C, CG, BLOCK_C)
         coef_dy, coef_x, coef_const, ok, idx, d_scale, d_shift, d_gamma, d_beta = _bcn_backward_chunk(
@@ -411,8 +435,11 @@ if triton is not None:
             g, N, C, G, tl.program_id(1) == 0,
         )  # fmt: skip
         offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if RELU:
+            dy = _relu_gradient(dy, y_ptr + offs, m)
         dx = (
-            tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_dy[:, :, None]
+            dy * coef_dy[:, :, None]
             + tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * coef_x[:, :, None]
             + coef_const[:, :, None]
         )
@@ -598,12 +625,14 @@ def bcn_forward(
     update_rate: float,
     update: Optional[Callable[[torch.Tensor, torch.Tensor], None]],
     out_dtype: torch.dtype,
+    relu: bool = False,
 ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """BCN with a fixed-statistics batch step, forward; returns ``(y, saved)`` for :func:`bcn_backward`.
 
     ``update_rate > 0`` updates ``running_mean`` / ``running_var`` in place from
     this batch first (single process). ``update``, if given, is called instead
     with the (N, C) float32 moments, e.g. to all-reduce them across processes.
+    ``relu`` returns ``relu(y)``, computed in the same pass.
     """
     n, c = x.shape[:2]
     groups = gamma.numel()
@@ -630,14 +659,17 @@ def bcn_forward(
         fused_launch, hw_blocks = fused
         _launch(
             _bcn_forward_fused_kernel, (groups, hw_blocks), (x, y, workspace, *params, n, c, groups, hw, *rate_and_eps),
-            dict(UPDATE=kernel_update, **fused_launch), key,
+            dict(UPDATE=kernel_update, RELU=relu, **fused_launch), key,
         )  # fmt: skip
         return y, (x, workspace)
     _launch(
         _bcn_forward_finalize_kernel, (groups,), (workspace, *params, n, c, groups, *rate_and_eps),
         dict(UPDATE=kernel_update, **_group_launch(c // groups)), key,
     )  # fmt: skip
-    _launch(_bcn_apply_kernel, grid_split, (x, x, y, workspace, n * c, hw), dict(TWO_INPUTS=False, **launch), key)
+    _launch(
+        _bcn_apply_kernel, grid_split, (x, x, x, y, workspace, n * c, hw),
+        dict(TWO_INPUTS=False, RELU=relu, **launch), key,
+    )  # fmt: skip
     return y, (x, workspace)
 
 
@@ -647,27 +679,36 @@ def bcn_backward(
     bn_weight: torch.Tensor,
     bn_bias: torch.Tensor,
     gamma: torch.Tensor,
+    relu_output: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`bcn_forward`: ``dx`` (x's dtype), then float32 ``d_bn_weight``,
-    ``d_bn_bias``, ``d_gamma``, ``d_beta``."""
+    ``d_bn_bias``, ``d_gamma``, ``d_beta``. After a forward with ``relu``, ``relu_output``
+    is its output (``dy`` passes where it is > 0)."""
     x, forward_workspace = saved
     n, c = x.shape[:2]
     groups = gamma.numel()
     hw = math.prod(x.shape[2:])
     dy = dy.contiguous()
+    relu = relu_output is not None
+    y = relu_output if relu else dy  # y: read only with RELU
     launch, grid, grid_split = _rows_launch(n * c, hw)
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
-    key = (x.shape, groups, *_launch_key(dy, x, bn_weight, bn_bias, gamma))
-    _launch(_bcn_backward_sums_kernel, grid, (dy, x, workspace, n * c, hw), launch, key)
+    key = (x.shape, groups, *_launch_key(dy, x, y, bn_weight, bn_bias, gamma))
+    _launch(_bcn_backward_sums_kernel, grid, (dy, x, y, workspace, n * c, hw), dict(RELU=relu, **launch), key)
     dx = torch.empty_like(x)
     args = (workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw)
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
     if fused is not None:
         fused_launch, hw_blocks = fused
-        _launch(_bcn_backward_fused_kernel, (groups, hw_blocks), (dy, x, dx, *args), fused_launch, key)
+        _launch(
+            _bcn_backward_fused_kernel, (groups, hw_blocks), (dy, x, y, dx, *args), dict(RELU=relu, **fused_launch), key
+        )
     else:
         _launch(_bcn_backward_finalize_kernel, (groups,), args, _group_launch(c // groups), key)
-        _launch(_bcn_apply_kernel, grid_split, (dy, x, dx, workspace, n * c, hw), dict(TWO_INPUTS=True, **launch), key)
+        _launch(
+            _bcn_apply_kernel, grid_split, (dy, x, y, dx, workspace, n * c, hw),
+            dict(TWO_INPUTS=True, RELU=relu, **launch), key,
+        )  # fmt: skip
     # one split_with_sizes, no slice before it; not Tensor.split, whose symbolic-shape checks cost host time
     return (dx, *workspace.split_with_sizes((5 * n * c, c, c, groups, groups))[1:])

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import Conv2d
+from torch import nn
+from torch.nn import functional as F
 
 from . import triton_kernels
 
@@ -194,6 +196,10 @@ class WSConvGroup:
         return self._rows[key]
 
 
+def _is_relu(activation) -> bool:
+    return activation is F.relu_ or activation is F.relu or isinstance(activation, nn.ReLU)
+
+
 def export_error(layer: str) -> RuntimeError:
     """The error for scripting or tracing a layer that only exports once folded."""
     return RuntimeError(
@@ -206,7 +212,8 @@ class WSConv2d(Conv2d):
     """A :class:`detectron2.layers.Conv2d` whose weight is standardized on every use.
 
     The raw ``weight`` stays the learnable parameter (WS is a reparameterization),
-    ``bias``, ``norm`` and ``activation`` behave as in the parent class. When no
+    ``bias``, ``norm`` and ``activation`` behave as in the parent class (a
+    ReLU activation runs inside a BCN norm: ``BatchChannelNorm2d.fuses_relu``). When no
     gradient has to flow into the weight (``torch.no_grad``, eval, or a frozen
     layer) the standardized weight is cached and reused, across ``train()`` /
     ``eval()`` calls, until the raw weight changes: an optimizer step, an
@@ -268,6 +275,8 @@ class WSConv2d(Conv2d):
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
         x = self._conv_forward(x, self.standardized_weight(), self.bias)
+        if getattr(self.norm, "fuses_relu", False) and _is_relu(self.activation):
+            return self.norm(x, relu=True)  # a BCN: the ReLU in its own kernels
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:

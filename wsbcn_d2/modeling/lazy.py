@@ -17,13 +17,15 @@ from typing import Any, Callable, Union
 from detectron2.utils.registry import locate
 from torch import nn
 
+from .backbone import relus_into_convs
 from .wsbcn import check_ws_coverage, standardize_normed_convs
 
 __all__ = ["build_ws_model"]
 
 
 def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: float = 1e-5, **kwargs: Any) -> nn.Module:
-    """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule).
+    """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule), and
+    the ReLUs of its ResNet blocks applied by their convs, as in the YAML configs' backbones.
 
     Args:
         meta_arch: the model class (or its dotted name), e.g. ``GeneralizedRCNN``.
@@ -35,6 +37,7 @@ def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: floa
     if not (math.isfinite(ws_eps) and ws_eps > 0):
         raise ValueError(f"ws_eps must be a finite number > 0, got {ws_eps}")
     model = (locate(meta_arch) if isinstance(meta_arch, str) else meta_arch)(**kwargs)
+    relus_into_convs(model)
     standardize_normed_convs(model, ws_eps)
     check_ws_coverage(model)
     return model
