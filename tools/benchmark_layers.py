@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Cost of one BCN layer against one GroupNorm per call, training and inference: host and wall time.
+"""Cost of one BCN layer against one GroupNorm per call (alone, and with a ReLU after), training and inference:
+host and wall time.
 
 On a GPU a detection step with 1-2 images per GPU is bound by the host issuing
 kernels, so what a norm layer costs is mostly host time. For R-50-FPN shapes
@@ -7,8 +8,9 @@ at 800 px, this times ``calls`` calls of each layer in a loop, forward +
 backward (training) and forward under ``no_grad`` (inference): the host time
 (until the loop returns, without waiting for the GPU) and the wall time
 (waiting for it), per call, in interleaved repetitions (the order rotates),
-and reports the median ratio to GN of the same repetition. On CPU host and
-wall time are the same computation.
+and reports the median ratio to GN of the same repetition; the same for a norm
+followed by a ReLU (GN then ``F.relu_``, against BCN with its fused ReLU). On CPU
+host and wall time are the same computation.
 
 ``--profile`` adds, for the first shape, the torch profiler's table of each
 layer's training calls (host time per op and autograd node, by self time): where
@@ -44,11 +46,29 @@ SHAPES: Dict[str, Tuple[int, int, int, int]] = {
 }
 """Input shapes (N, C, H, W): a host-bound one, then R-50-FPN layers at 800 px with 2 images."""
 
+VARIANTS = {"GN": "GN", "BCN": "GN", "GN+ReLU": "GN+ReLU", "BCN+ReLU": "GN+ReLU"}
+"""Each layer and the layer its ratios are taken against: a norm, or a norm and the ReLU after it
+(detectron2's ``F.relu_`` after group norm; BCN's fused ``relu=True``)."""
+
+
+class _ReLUInside(nn.Module):
+    """``norm(x, relu=True)``: BCN with its fused ReLU, as a conv with a ReLU activation calls it."""
+
+    def __init__(self, norm: BatchChannelNorm2d):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, relu=True)
+
 
 def build_layer(variant: str, channels: int, device: str) -> nn.Module:
-    if variant == "GN":
-        return nn.GroupNorm(32, channels).to(device)
-    return BatchChannelNorm2d(channels, 32).to(device)  # micro-batch BCN, training mode
+    norm = nn.GroupNorm(32, channels) if variant.startswith("GN") else BatchChannelNorm2d(channels, 32)
+    if variant == "GN+ReLU":
+        norm = nn.Sequential(norm, nn.ReLU(inplace=True))
+    elif variant == "BCN+ReLU":
+        norm = _ReLUInside(norm)
+    return norm.to(device)  # BCN: micro-batch, training mode
 
 
 def time_calls(layer: nn.Module, x: torch.Tensor, grad: Optional[torch.Tensor], calls: int) -> Tuple[float, float]:
@@ -120,10 +140,11 @@ def measure(shape: Tuple[int, ...], device: str, reps: int, calls: int) -> Dict[
     """Per variant and time of :data:`TIMES`, per repetition: seconds per call."""
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
-    layers = {v: build_layer(v, shape[1], device) for v in ("GN", "BCN")}
+    layers = {v: build_layer(v, shape[1], device) for v in VARIANTS}
     results = {v: {kind: [] for kind in TIMES} for v in layers}
     for rep in range(reps + 1):  # the first repetition warms up (compilation, allocator)
-        order = list(layers)[rep % 2 :] + list(layers)[: rep % 2]
+        k = rep % len(layers)
+        order = list(layers)[k:] + list(layers)[:k]
         for v in order:
             train = time_calls(layers[v], x, grad, calls)
             infer = time_calls(layers[v].eval(), x, None, calls)
@@ -151,15 +172,15 @@ def format_table(all_results: Dict[str, Dict[str, Dict[str, List[float]]]]) -> s
         "|---|---|" + "---|" * len(TIMES),
     ]
     for name, results in all_results.items():
-        gn = results["GN"]
         for variant, times in results.items():
+            base = results[VARIANTS[variant]]
             cells = []
             for kind in TIMES:
                 median_us = statistics.median(times[kind]) * 1e6
-                if variant == "GN":
+                if VARIANTS[variant] == variant:
                     cells.append(f"{median_us:.0f} us")
                 else:
-                    ratio = statistics.median(t / g for t, g in zip(times[kind], gn[kind]))
+                    ratio = statistics.median(t / g for t, g in zip(times[kind], base[kind]))
                     cells.append(f"{median_us:.0f} us ({ratio:.2f}x)")
             lines.append(f"| {name} | {variant} | {' | '.join(cells)} |")
     return "\n".join(lines)
