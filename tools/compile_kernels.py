@@ -105,11 +105,13 @@ def _run_launchers(dtype: torch.dtype) -> None:
         x = torch.randn(n, c, h, w).to(dtype)
         params = [torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c), torch.ones(groups), torch.zeros(groups)]
         bn_weight, bn_bias, running_mean, running_var, gamma, beta = params
-        for update_rate, out_dtype in [(0.1, dtype), (0.0, torch.float32)]:
+        # training, eval (statistics in float32 out under autocast), training with the fused ReLU
+        for update_rate, out_dtype, relu in [(0.1, dtype, False), (0.0, torch.float32, False), (0.1, dtype, True)]:
             y, saved = triton_kernels.bcn_forward(
-                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, 1e-5, 1e-5, update_rate, None, out_dtype
-            )
-            triton_kernels.bcn_backward(y.to(dtype), saved, bn_weight, bn_bias, gamma)
+                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, 1e-5, 1e-5, update_rate, None,
+                out_dtype, relu,
+            )  # fmt: skip
+            triton_kernels.bcn_backward(y.to(dtype), saved, bn_weight, bn_bias, gamma, y if relu else None)
 
 
 def compile_launch(launch: Launch, arch: int):
