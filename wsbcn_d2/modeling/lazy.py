@@ -37,7 +37,7 @@ def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: floa
     if not (math.isfinite(ws_eps) and ws_eps > 0):
         raise ValueError(f"ws_eps must be a finite number > 0, got {ws_eps}")
     model = (locate(meta_arch) if isinstance(meta_arch, str) else meta_arch)(**kwargs)
-    relus_into_convs(model)
     standardize_normed_convs(model, ws_eps)
+    relus_into_convs(model)
     check_ws_coverage(model)
     return model
