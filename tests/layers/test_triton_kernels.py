@@ -532,16 +532,18 @@ def test_ws_group_full_size_resnet_weights():
 # a res2 map of an 800x1067 image pair, a res5 map, and the box head's 7x7 maps of 1024 RoIs
 @cuda_only
 @pytest.mark.parametrize("shape", [(2, 256, 200, 267, 32), (2, 2048, 25, 34, 32), (1024, 256, 7, 7, 32)], ids=str)
-def test_bcn_kernels_full_size(monkeypatch, shape):
+@pytest.mark.parametrize("relu", [False, True], ids=["bcn", "bcn_relu"])
+def test_bcn_kernels_full_size(monkeypatch, shape, relu):
     n, c, h, w, groups = shape
     module = randomized_bcn(c, groups)
     reference = copy.deepcopy(module).double()
     x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
     grad = torch.randn(n, c, h, w, device=DEVICE)
-    got = run_bcn(module, x, grad)
+    got = run_bcn(module, x, grad, lambda x: module(x, relu=relu))
     with monkeypatch.context() as m:
         torch_path(m)
-        expected = run_bcn(reference, x.double(), grad.double())
+        separate_relu = lambda x: reference(x).relu() if relu else reference(x)  # noqa: E731
+        expected = run_bcn(reference, x.double(), grad.double(), separate_relu)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
     for key, value in bcn_state(module).items():

@@ -70,7 +70,9 @@ def test_gn_group_count_and_ws_switch_follow_config():
 BLOCKS = {  # detectron2's block classes, and the convs whose output a ReLU follows
     "stem": (lambda norm: BasicStem(3, 16, norm=norm), ["conv1"]),
     "basic": (lambda norm: BasicBlock(16, 32, stride=2, norm=norm), ["conv1"]),
-    "bottleneck": (lambda norm: BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm=norm), ["conv1", "conv2"]),
+    "bottleneck": (
+        lambda norm: BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm=norm), ["conv1", "conv2"]
+    ),
 }
 
 

@@ -361,7 +361,9 @@ class BatchChannelNorm2d(nn.GroupNorm):
         if update:
             bn.update_estimates(mean, var, math.prod(x.shape[2:]))
         scale, shift = self.batch_step_affine()
-        y = _AffineGroupNorm.apply(x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype)
+        y = _AffineGroupNorm.apply(
+            x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype
+        )
         return F.relu_(y) if relu else y
 
     def __prepare_scriptable__(self):
