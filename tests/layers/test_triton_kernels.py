@@ -539,10 +539,13 @@ def test_bcn_kernels_full_size(monkeypatch, shape, relu):
     reference = copy.deepcopy(module).double()
     x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
     grad = torch.randn(n, c, h, w, device=DEVICE)
+
+    def separate_relu(x):
+        return reference(x).relu() if relu else reference(x)
+
     got = run_bcn(module, x, grad, lambda x: module(x, relu=relu))
     with monkeypatch.context() as m:
         torch_path(m)
-        separate_relu = lambda x: reference(x).relu() if relu else reference(x)  # noqa: E731
         expected = run_bcn(reference, x.double(), grad.double(), separate_relu)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
