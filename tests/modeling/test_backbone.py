@@ -11,8 +11,7 @@ from torch import nn
 import helpers
 from helpers import load_config
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
-from wsbcn_d2.modeling import standardize_normed_convs
-from wsbcn_d2.modeling.backbone import relus_into_convs
+from wsbcn_d2.modeling import relus_into_convs, standardize_normed_convs
 
 BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
 

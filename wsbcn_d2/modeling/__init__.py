@@ -1,5 +1,10 @@
 """Registered builders: WS backbones, heads and meta-architectures, and the LazyConfig builder."""
-from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone, build_ws_retinanet_resnet_fpn_backbone
+from .backbone import (
+    build_ws_resnet_backbone,
+    build_ws_resnet_fpn_backbone,
+    build_ws_retinanet_resnet_fpn_backbone,
+    relus_into_convs,
+)
 from .fold import fold_for_inference
 from .lazy import build_ws_model
 from .retinanet import WSRetinaNet
