@@ -4,7 +4,7 @@ They are detectron2's own builders, given a copy of the config whose norm
 slots hold constructors resolved from the plugin's norm names (detectron2's
 blocks accept a callable wherever they accept a norm name), then standardized
 by the one WS rule of :mod:`wsbcn_d2.modeling.wsbcn`, and with the ReLUs that
-follow a conv inside a block applied by that conv (:func:`relus_into_convs`).
+follow a BCN conv inside a block applied by that conv (:func:`relus_into_convs`).
 """
 from typing import Callable
 
@@ -62,23 +62,26 @@ _CONV_RELU_CLASSES = {
 
 
 def relus_into_convs(module: nn.Module) -> nn.Module:
-    """Let the convs of detectron2's ResNet stems and blocks in ``module`` apply the ReLUs that follow them.
+    """Let the convs of detectron2's ResNet stems and blocks in ``module`` apply the ReLUs that follow
+    them, where the convs' norms can run them (BCN: ``fuses_relu``).
 
     In place (the module's class changes, as for :meth:`WSConv2d.convert_`): each
     such conv gets an in-place ``nn.ReLU`` as its ``activation`` and the block's ``forward``
     no longer applies it; the function, parameters and state dict stay the same.
     A :class:`WSConv2d` whose norm is a BCN then runs the ReLU inside BCN's
     kernels: on a GPU, one ReLU kernel and one autograd node less per conv and
-    step. Blocks of other classes (e.g. deformable) are left as they are.
+    step. Blocks with other norms (where the module call would only add host
+    time) and of other classes (e.g. deformable) are left as they are.
     Returns ``module``.
     """
     for block in module.modules():
         cls, conv_names = _CONV_RELU_CLASSES.get(type(block), (None, ()))
-        if cls is None or any(getattr(block, name).activation is not None for name in conv_names):
+        convs = [getattr(block, name) for name in conv_names]
+        if cls is None or not all(c.activation is None and getattr(type(c.norm), "fuses_relu", False) for c in convs):
             continue
         block.__class__ = cls
-        for name in conv_names:
-            getattr(block, name).activation = nn.ReLU(inplace=True)
+        for conv in convs:
+            conv.activation = nn.ReLU(inplace=True)
     return module
 
 
