@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from . import triton_kernels
 
-__all__ = ["WSConv2d", "WSConvGroup", "conv_compute_dtype", "export_error", "standardize_weight"]
+__all__ = ["WSConv2d", "WSConvGroup", "conv_compute_dtype", "export_error", "norm_fuses_relu", "standardize_weight"]
 
 
 class _Standardize(torch.autograd.Function):
@@ -200,6 +200,15 @@ def _is_relu(activation) -> bool:
     return activation is F.relu_ or activation is F.relu or isinstance(activation, nn.ReLU)
 
 
+def norm_fuses_relu(norm: Optional[nn.Module]) -> bool:
+    """Whether ``norm`` applies a following ReLU itself, as ``norm(x, relu=True)`` (BCN: ``fuses_relu``).
+
+    Read on the class: on a module, ``getattr`` with a default goes through ``Module.__getattr__``
+    and an AttributeError for every other norm (~1 us), and convs ask on every forward.
+    """
+    return getattr(type(norm), "fuses_relu", False)
+
+
 def export_error(layer: str) -> RuntimeError:
     """The error for scripting or tracing a layer that only exports once folded."""
     return RuntimeError(
@@ -275,8 +284,7 @@ class WSConv2d(Conv2d):
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
         x = self._conv_forward(x, self.standardized_weight(), self.bias)
-        # on the class: a module's own getattr raises and catches an AttributeError (~1 us) for other norms
-        if getattr(type(self.norm), "fuses_relu", False) and _is_relu(self.activation):
+        if norm_fuses_relu(self.norm) and _is_relu(self.activation):
             return self.norm(x, relu=True)  # a BCN: the ReLU in its own kernels
         if self.norm is not None:
             x = self.norm(x)

@@ -17,6 +17,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers import norm_fuses_relu
 from .wsbcn import resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = [
@@ -77,7 +78,7 @@ def relus_into_convs(module: nn.Module) -> nn.Module:
     for block in module.modules():
         cls, conv_names = _CONV_RELU_CLASSES.get(type(block), (None, ()))
         convs = [getattr(block, name) for name in conv_names]
-        if cls is None or not all(c.activation is None and getattr(type(c.norm), "fuses_relu", False) for c in convs):
+        if cls is None or not all(c.activation is None and norm_fuses_relu(c.norm) for c in convs):
             continue
         block.__class__ = cls
         for conv in convs:
