@@ -105,13 +105,18 @@ def _run_launchers(dtype: torch.dtype) -> None:
         x = torch.randn(n, c, h, w).to(dtype)
         params = [torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c), torch.ones(groups), torch.zeros(groups)]
         bn_weight, bn_bias, running_mean, running_var, gamma, beta = params
-        # training, eval (statistics in float32 out under autocast), training with the fused ReLU
-        for update_rate, out_dtype, relu in [(0.1, dtype, False), (0.0, torch.float32, False), (0.1, dtype, True)]:
+        # training, eval (statistics in float32 out under autocast), training with the fused ReLU, and with
+        # a residual added before it (a ResNet block's last conv)
+        for update_rate, out_dtype, residual, relu in [
+            (0.1, dtype, None, False), (0.0, torch.float32, None, False), (0.1, dtype, None, True), (0.1, dtype, x, True)
+        ]:  # fmt: skip
             y, saved = triton_kernels.bcn_forward(
-                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, 1e-5, 1e-5, update_rate, None,
-                out_dtype, relu,
+                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, residual, 1e-5, 1e-5, update_rate,
+                None, out_dtype, relu,
             )  # fmt: skip
-            triton_kernels.bcn_backward(y.to(dtype), saved, bn_weight, bn_bias, gamma, y if relu else None)
+            triton_kernels.bcn_backward(
+                y.to(dtype), saved, bn_weight, bn_bias, gamma, y if relu else None, residual is not None
+            )
 
 
 def compile_launch(launch: Launch, arch: int):

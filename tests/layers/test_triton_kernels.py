@@ -259,12 +259,37 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode,
 BCN_GRADIENTS = ["output", "dx", "d_bn_weight", "d_bn_bias", "d_weight", "d_bias"]
 
 
+def run_bcn_with_residual(module: BatchChannelNorm2d, x, z, grad, forward) -> list:
+    """:func:`run_bcn` of ``forward(x, z)``, then the gradient of the residual ``z`` (None without one)."""
+    z = None if z is None else z.detach().requires_grad_()
+    results = run_bcn(module, x, grad, lambda x: forward(x, z))
+    return results + [None if z is None else z.grad]
+
+
+def fused_forward(module: BatchChannelNorm2d, relu: bool):
+    return lambda x, z: module(x, residual=z, relu=relu)
+
+
+def separate_forward(module: BatchChannelNorm2d, relu: bool):
+    """BCN, then detectron2's ``out += shortcut`` and ``F.relu_``."""
+
+    def forward(x, z):
+        out = module(x)
+        if z is not None:
+            out += z
+        return torch.relu_(out) if relu else out
+
+    return forward
+
+
 @pytest.mark.parametrize("path", list(BCN_PATHS))
 @pytest.mark.parametrize("shape", BCN_SHAPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bcn_fused_relu_matches_relu_after_float64_torch_path(kernels, monkeypatch, shape, training, path):
+@pytest.mark.parametrize("ops", ["relu", "residual", "residual, relu"])
+def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypatch, shape, training, path, ops):
     monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
     n, c, h, w, groups = shape
+    relu, residual = "relu" in ops, "residual" in ops
     module = randomized_bcn(c, groups).train(training)
     reference = copy.deepcopy(module).double()
     fused_torch_path = copy.deepcopy(module).double()
@@ -272,20 +297,30 @@ def test_bcn_fused_relu_matches_relu_after_float64_torch_path(kernels, monkeypat
         g = torch.Generator().manual_seed(step)
         x = (torch.randn(n, c, h, w, generator=g) * 3 + step).to(DEVICE)
         grad = torch.randn(n, c, h, w, generator=g).to(DEVICE)
-        got = run_bcn(module, x, grad, lambda x: module(x, relu=True))
+        z = torch.randn(n, c, h, w, generator=g).to(DEVICE) if residual else None
+        z64 = None if z is None else z.double()
+        got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu))
         with monkeypatch.context() as m:
             torch_path(m)
-            expected = run_bcn(reference, x.double(), grad.double(), lambda x: torch.relu(reference(x)))
-            fused_torch = run_bcn(fused_torch_path, x.double(), grad.double(), lambda x: fused_torch_path(x, relu=True))
-        assert 0 < (got[0] == 0).float().mean() < 1  # the ReLU clips a part of the output
-        for name, a, b, t in zip(BCN_GRADIENTS, got, expected, fused_torch):
+            expected = run_bcn_with_residual(
+                reference, x.double(), z64, grad.double(), separate_forward(reference, relu)
+            )
+            fused_torch = run_bcn_with_residual(
+                fused_torch_path, x.double(), z64, grad.double(), fused_forward(fused_torch_path, relu)
+            )
+        if relu:
+            assert 0 < (got[0] == 0).float().mean() < 1  # the ReLU clips a part of the output
+        for name, a, b, t in zip(BCN_GRADIENTS + ["d_residual"], got, expected, fused_torch):
+            if b is None:
+                assert a is None and t is None
+                continue
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
             torch.testing.assert_close(t, b, msg=lambda s: f"torch path, {name}, step {step}: {s}")
         for key, value in bcn_state(module).items():
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
     if not training:  # the inference path (no autograd function) too
         with torch.no_grad():
-            torch.testing.assert_close(module(x, relu=True), got[0], rtol=0, atol=0)
+            torch.testing.assert_close(module(x, residual=z, relu=relu), got[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -300,6 +335,35 @@ def test_bcn_fused_relu_equals_relu_after_the_kernels(kernels, monkeypatch, dtyp
         expected = run_bcn(separate, x, grad, lambda x: torch.relu(separate(x)))
         for name, a, b in zip(BCN_GRADIENTS, got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_bcn_fused_residual_relu_gradients_follow_the_stored_output(kernels, monkeypatch, dtype):
+    # relu(BCN(x) + z) is rounded once (the sum in float32); its gradient: dz = dy where the stored output
+    # is > 0, and BCN's gradients are those of BCN alone given that dz
+    for path in BCN_PATHS.values():
+        monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", path)
+        fused, separate = randomized_bcn(16, 4), randomized_bcn(16, 4)
+        x, z, grad = (torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype) for _ in range(3))
+        *got, d_residual = run_bcn_with_residual(fused, x, z, grad, fused_forward(fused, relu=True))
+        masked_grad = torch.where(got[0] > 0, grad, 0)
+        expected = run_bcn(separate, x, masked_grad)
+        assert got[0].dtype == d_residual.dtype == dtype and 0 < (got[0] == 0).float().mean() < 1
+        assert torch.equal(d_residual, masked_grad)
+        eps = torch.finfo(dtype).eps  # the fused sum is rounded once, the separate one twice
+        sum_after = torch.relu(expected[0].float() + z.float()).to(dtype)
+        torch.testing.assert_close(got[0], sum_after, rtol=eps, atol=4 * eps)
+        for name, a, b in list(zip(BCN_GRADIENTS, got, expected))[1:]:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
+        for key, value in bcn_state(fused).items():
+            assert torch.equal(value, bcn_state(separate)[key])
+
+
+def test_bcn_residual_of_another_shape_is_an_error(kernels):
+    module = randomized_bcn(8, 4)
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 8, 4, 4\), got \(1, 8, 1, 1\)"):
+        module(x, residual=torch.randn(1, 8, 1, 1, device=DEVICE), relu=True)
 
 
 @pytest.mark.parametrize("n, launches", [(2, (2, 2)), (300, (3, 3))])

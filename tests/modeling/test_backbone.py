@@ -11,7 +11,7 @@ from torch import nn
 import helpers
 from helpers import load_config
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
-from wsbcn_d2.modeling import relus_into_convs, standardize_normed_convs
+from wsbcn_d2.modeling import relus_into_convs, relus_out_of_convs, standardize_normed_convs
 
 BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
 
@@ -66,13 +66,26 @@ def test_gn_group_count_and_ws_switch_follow_config():
     assert not any(isinstance(m, WSConv2d) for m in backbone.modules())
 
 
-BLOCKS = {  # detectron2's block classes, and the convs whose output a ReLU follows
+BLOCKS = {  # detectron2's block classes, and the convs whose output a ReLU follows (the block's last: after the shortcut)
     "stem": (lambda norm: BasicStem(3, 16, norm=norm), ["conv1"]),
-    "basic": (lambda norm: BasicBlock(16, 32, stride=2, norm=norm), ["conv1"]),
+    "basic": (lambda norm: BasicBlock(16, 32, stride=2, norm=norm), ["conv1", "conv2"]),
+    "basic, identity shortcut": (lambda norm: BasicBlock(16, 16, norm=norm), ["conv1", "conv2"]),
     "bottleneck": (
-        lambda norm: BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm=norm), ["conv1", "conv2"]
+        lambda norm: BottleneckBlock(16, 32, bottleneck_channels=8, stride=2, norm=norm), ["conv1", "conv2", "conv3"]
+    ),
+    "bottleneck, identity shortcut": (
+        lambda norm: BottleneckBlock(16, 16, bottleneck_channels=8, norm=norm), ["conv1", "conv2", "conv3"]
     ),
 }
+
+
+def block_results(model: nn.Module, x: torch.Tensor) -> list:
+    """Output, input gradient, parameter gradients and buffers after one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
 
 
 @pytest.mark.parametrize("code", ["torch", "kernels"])
@@ -89,34 +102,38 @@ def test_relus_into_convs_keeps_each_blocks_function(monkeypatch, block, norm, c
     if norm != "BCN without WS":
         standardize_normed_convs(original, eps=1e-5)
     converted = relus_into_convs(copy.deepcopy(original))
-    # only where the norm runs the ReLU itself (BCN); for other norms the module call would only cost time
-    assert (type(converted) is not type(original)) == (norm != "GN") and isinstance(converted, type(original))
-    assert all((getattr(converted, name).activation is not None) == (norm != "GN") for name in relu_convs)
-    calls = []  # the relu argument of each norm call: True where a BCN carried by a WS conv applies the ReLU
+    # only where a WS conv's norm runs the ReLU itself (BCN); elsewhere the module call would only cost time
+    fused = norm == "BCN"
+    assert (type(converted) is not type(original)) == fused and isinstance(converted, type(original))
+    assert all((getattr(converted, name).activation is not None) == fused for name in relu_convs)
+    calls = []  # the norms' relu and residual arguments: a BCN carried by a WS conv applies the ReLU (and shortcut)
     for name in relu_convs:
         getattr(converted, name).norm.register_forward_pre_hook(
-            lambda m, args, kwargs: calls.append(kwargs.get("relu")), with_kwargs=True
+            lambda m, args, kwargs: calls.append((kwargs.get("relu"), kwargs.get("residual") is not None)),
+            with_kwargs=True,
         )
 
     x = torch.randn(2, 3 if block == "stem" else 16, 12, 10)
-    results = []
-    for model in (original, converted):
-        model.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out = model(xi)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
-        results.append([out, xi.grad, *(p.grad for p in model.parameters()), *model.buffers()])
+    expected = block_results(original, x)
     assert converted.state_dict().keys() == original.state_dict().keys()
-    for a, b in zip(*results):
+    for a, b in zip(block_results(converted, x), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert calls == [True if norm == "BCN" else None] * len(relu_convs)
+    shortcut_added = [block != "stem" and name == relu_convs[-1] for name in relu_convs]
+    assert calls == ([(True, s) for s in shortcut_added] if fused else [(None, False)] * len(relu_convs))
+
+    # and back: detectron2's block, the same function
+    restored = relus_out_of_convs(converted)
+    assert type(restored) is type(original)
+    assert all(getattr(restored, name).activation is None for name in relu_convs)
+    for a, b in zip(block_results(restored, x), block_results(original, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_ws_backbone_blocks_apply_their_relus_in_the_convs():
     backbone = build_backbone(load_config(BASE)).bottom_up
     blocks = [backbone.stem, *(block for stage in backbone.stages for block in stage)]
     assert {type(b).__name__ for b in blocks} == {"ConvReLUBasicStem", "ConvReLUBottleneckBlock"}
-    fused = [b.conv1 for b in blocks] + [b.conv2 for b in blocks[1:]]
-    assert len(fused) == 1 + 16 * 2
+    fused = [b.conv1 for b in blocks] + [conv for b in blocks[1:] for conv in (b.conv2, b.conv3)]
+    assert len(fused) == 1 + 16 * 3
     assert all(isinstance(c, WSConv2d) and isinstance(c.norm, BatchChannelNorm2d) for c in fused)
     assert all(isinstance(c.activation, nn.ReLU) for c in fused)

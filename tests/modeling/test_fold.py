@@ -4,6 +4,7 @@ import torch
 from detectron2.export import TracingAdapter
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from torch import nn
 
 from helpers import load_config
@@ -57,8 +58,12 @@ def test_folded_model_matches_original(freeze_at):
     assert not any(isinstance(m, (WSConv2d, BatchChannelNorm2d)) for m in folded.modules())
     convs = [m for m in folded.modules() if type(m) is Conv2d and m.norm is not None]
     assert convs and all(type(m.norm) is nn.GroupNorm for m in convs)
+    # detectron2's blocks again (the model's apply their ReLUs and shortcuts in their BCN convs)
+    blocks = [m for m in folded.modules() if isinstance(m, (BasicStem, BasicBlock))]
+    assert len(blocks) == 1 + 8 and all(type(m) in (BasicStem, BasicBlock) for m in blocks)  # R-18
     # the original is untouched
     assert isinstance(model.backbone.bottom_up.stem.conv1, WSConv2d) and not folded.training
+    assert type(model.backbone.bottom_up.res2[0]).__name__ == "ConvReLUBasicBlock"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
     inputs = [{"image": image()}]

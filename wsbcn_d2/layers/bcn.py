@@ -150,12 +150,14 @@ class _AffineGroupNorm(torch.autograd.Function):
 
 def _triton_bcn_backward(ctx, dy: torch.Tensor) -> tuple:
     """:class:`_TritonBCN`'s backward: the gradients of its inputs, in their dtypes."""
-    x, workspace, bn_weight, bn_bias, weight, *relu_output = ctx.saved_tensors
-    dx, *grads = triton_kernels.bcn_backward(dy, (x, workspace), bn_weight, bn_bias, weight, *relu_output)
-    d_bn_weight, d_bn_bias, d_weight, d_bias = (
-        g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+    x, workspace, bn_weight, bn_bias, weight, relu_output = ctx.saved_tensors
+    dx, d_residual, *grads = triton_kernels.bcn_backward(
+        dy, (x, workspace), bn_weight, bn_bias, weight, relu_output, ctx.needs_input_grad[7]
     )
-    return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, None
+    d_bn_weight, d_bn_bias, d_weight, d_bias, d_residual = (
+        g if g is None or g.dtype == dtype else g.to(dtype) for g, dtype in zip((*grads, d_residual), ctx.dtypes)
+    )
+    return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, d_residual, None
 
 
 class _TritonBCN(torch.autograd.Function):
@@ -169,13 +171,14 @@ class _TritonBCN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, options: tuple):
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, options: tuple):
         # options: the eps, rate, update, dtype and relu arguments of triton_kernels.bcn_forward, in
         # one argument (each argument of Function.apply costs host time)
-        y, saved = triton_kernels.bcn_forward(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *options)
-        relu_output = (y,) if options[-1] else ()
-        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, *relu_output)
-        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype)
+        y, saved = triton_kernels.bcn_forward(
+            x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, *options
+        )
+        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if options[-1] else None)
+        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, None if residual is None else residual.dtype)
         return y
 
     @staticmethod
@@ -185,6 +188,13 @@ class _TritonBCN(torch.autograd.Function):
         if torch.is_grad_enabled():
             return torch.autograd.function.once_differentiable(_triton_bcn_backward)(ctx, dy)
         return _triton_bcn_backward(ctx, dy)
+
+
+def _add_relu_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """``relu(y + residual)``, in place on ``y``, as detectron2's ResNet blocks compute it."""
+    if residual is not None:
+        y += residual
+    return F.relu_(y) if relu else y
 
 
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
@@ -271,15 +281,16 @@ class BatchChannelNorm2d(nn.GroupNorm):
     has the dtype a group norm would return (:func:`group_norm_output_dtype`);
     statistics are float32 or wider, the estimates keep their own dtype.
 
-    ``forward(x, relu=True)`` returns ``relu(BCN(x))``: on CUDA the ReLU runs in
-    the kernels' output pass and its gradient in theirs, so a conv + BCN + ReLU
-    costs no ReLU kernels or autograd node of its own (a GPU step at 1-2 images
+    ``forward(x, residual, relu=True)`` returns ``relu(BCN(x) + residual)``: on
+    CUDA the addition and the ReLU run in the kernels' output pass and their
+    gradients in theirs, so a conv + BCN (+ a ResNet block's shortcut) + ReLU
+    costs no kernels or autograd nodes of their own (a GPU step at 1-2 images
     is bound by the host issuing them). :class:`WSConv2d` asks for it when its
-    activation is a ReLU (``fuses_relu``).
+    activation is a ReLU or it is given a residual (``fuses_relu``).
     """
 
     fuses_relu = True
-    """``forward`` takes ``relu=True`` (read by :class:`WSConv2d`)."""
+    """``forward`` takes ``residual`` and ``relu=True`` (read by :class:`WSConv2d`)."""
 
     def __init__(
         self,
@@ -329,10 +340,12 @@ class BatchChannelNorm2d(nn.GroupNorm):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return scale, bn.bias - bn.running_mean * scale
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """BCN of ``x`` (N, C, H, W), then a ReLU if ``relu``."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+        """BCN of ``x`` (N, C, H, W), plus ``residual`` (the same shape) if given, then a ReLU if ``relu``."""
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"BCN's residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         bn = self.batch_norm
         if not self._fixed_statistics():
             channels_per_group = self.num_channels // self.num_groups
@@ -343,7 +356,7 @@ class BatchChannelNorm2d(nn.GroupNorm):
                 self.bias.repeat_interleave(channels_per_group),
                 self.eps,
             )
-            return F.relu_(y) if relu else y
+            return _add_relu_(y, residual, relu)
         out_dtype = group_norm_output_dtype(x)
         update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
         if triton_kernels.use_triton(x) and x.numel() > 0:
@@ -351,9 +364,9 @@ class BatchChannelNorm2d(nn.GroupNorm):
             sync: Optional[Callable] = None
             if update and comm.get_world_size() > 1:
                 sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
-            tensors = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias)
+            tensors = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias, residual)
             options = (bn.eps, self.eps, bn.update_rate if update else 0.0, sync, out_dtype, relu)
-            if torch.is_grad_enabled() and any([t.requires_grad for t in tensors]):
+            if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):
                 return _TritonBCN.apply(*tensors, options)
             # inference, frozen stages: no autograd function and its host overhead
             return triton_kernels.bcn_forward(*tensors, *options)[0]
@@ -364,7 +377,7 @@ class BatchChannelNorm2d(nn.GroupNorm):
         y = _AffineGroupNorm.apply(
             x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype
         )
-        return F.relu_(y) if relu else y
+        return _add_relu_(y, residual, relu)
 
     def __prepare_scriptable__(self):
         raise export_error(type(self).__name__)

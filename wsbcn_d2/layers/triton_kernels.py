@@ -252,14 +252,15 @@ if triton is not None:
 
     @triton.jit
     def _bcn_forward_fused_kernel(
-        x_ptr, out_ptr, ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
+        x_ptr, z_ptr, out_ptr, ws_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, gamma_ptr, beta_ptr,
         N, C, G, HW, rate, bn_eps, gn_eps,
         CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-        UPDATE: tl.constexpr, RELU: tl.constexpr,
+        UPDATE: tl.constexpr, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     ):  # fmt: skip
         # micro-batches (N <= BLOCK_N): one program per (group, block of HW) computes its group's
         # estimates and coefficients (the programs of block 0 store what the backward needs and the
-        # updated estimates) and writes y = x * S + T (RELU: relu(y)) over its block; no per-group kernel
+        # updated estimates) and writes y = x * S + T (RESIDUAL: + z; RELU: relu of it) over its block;
+        # no per-group kernel
         g = tl.program_id(0)
         store = tl.program_id(1) == 0
         if UPDATE:  # from the estimates before the update, which one program of the group overwrites
@@ -277,16 +278,19 @@ if triton is not None:
         )
         offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
         y = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * s[:, :, None] + t[:, :, None]
+        if RESIDUAL:
+            y += tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if RELU:
             y = _relu(y)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _bcn_apply_kernel(x_ptr, z_ptr, y_ptr, out_ptr, ws_ptr, NC, HW, TWO_INPUTS: tl.constexpr,
-                          RELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                          RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
         # out = x * A + B (+ z * C) with per-row coefficients at ws[2 NC:] in both workspaces:
-        # y = x * S + T forward, dx = dy * A + D + x * B backward; with RELU, y = relu(x * S + T)
-        # forward, and dy = 0 where the forward's output y (at y_ptr) is <= 0 backward
+        # y = x * S + T forward (RESIDUAL: + z), dx = dy * A + D + x * B backward; with RELU, the
+        # forward's relu of it, and dy = 0 where the forward's output y (at y_ptr) is <= 0 backward
         coef_ptr = ws_ptr + 2 * NC
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
@@ -302,16 +306,21 @@ if triton is not None:
         if TWO_INPUTS:
             c = tl.load(coef_ptr + 2 * NC + rows, mask=row_ok, other=0.0)[:, None]
             out += tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32) * c
-        elif RELU:
-            out = _relu(out)
+        else:
+            if RESIDUAL:
+                out += tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            if RELU:
+                out = _relu(out)
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _bcn_backward_sums_kernel(
-        dy_ptr, x_ptr, y_ptr, sums_ptr, NC, HW, RELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+        dy_ptr, x_ptr, y_ptr, dz_ptr, sums_ptr, NC, HW,
+        RELU: tl.constexpr, STORE_GRADIENT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         # sum(dy) and sum(dy * x) of each row over HW, at the start of the backward workspace (RELU:
-        # of the gradient through the ReLU, dy where the forward's output y > 0)
+        # of the gradient through the ReLU, dy where the forward's output y > 0, which STORE_GRADIENT
+        # writes at dz_ptr: the residual's gradient)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < NC
         base = rows.to(tl.int64)[:, None] * HW
@@ -323,6 +332,8 @@ if triton is not None:
             dy = tl.load(dy_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
             if RELU:
                 dy = _relu_gradient(dy, y_ptr + base + i + offs, m)
+            if STORE_GRADIENT:
+                tl.store(dz_ptr + base + i + offs, dy.to(dz_ptr.dtype.element_ty), mask=m)
             s_dy += dy
             s_dyx += dy * tl.load(x_ptr + base + i + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(sums_ptr + rows, tl.sum(s_dy, axis=1), mask=row_ok)
@@ -620,6 +631,7 @@ def bcn_forward(
     running_var: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
+    residual: Optional[torch.Tensor],
     bn_eps: float,
     gn_eps: float,
     update_rate: float,
@@ -632,12 +644,15 @@ def bcn_forward(
     ``update_rate > 0`` updates ``running_mean`` / ``running_var`` in place from
     this batch first (single process). ``update``, if given, is called instead
     with the (N, C) float32 moments, e.g. to all-reduce them across processes.
-    ``relu`` returns ``relu(y)``, computed in the same pass.
+    ``residual`` (of x's shape) is added to the output and ``relu`` returns ``relu(y)``,
+    both in the same pass: ``y = relu(BCN(x) + residual)``, in float32 before rounding.
     """
     n, c = x.shape[:2]
     groups = gamma.numel()
     hw = math.prod(x.shape[2:])
     x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
     # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T (fused: the
     # estimates before the update instead), the (2, C) estimates used (mean, 1 / sqrt(var + eps)) and
     # the (N, G) group mean and 1 / std
@@ -646,7 +661,8 @@ def bcn_forward(
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
     kernel_update = update is None and update_rate > 0
     params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
-    key = (x.shape, groups, out_dtype, kernel_update, *_launch_key(x, *params))
+    z = x if residual is None else residual  # z: read only with RESIDUAL
+    key = (x.shape, groups, out_dtype, kernel_update, *_launch_key(x, z, *params))
     _launch(
         _bcn_moments_kernel, grid, (x, workspace, n * c, hw, running_mean, running_var, c),
         dict(SNAPSHOT=kernel_update and fused is not None, **launch), key,
@@ -658,8 +674,9 @@ def bcn_forward(
     if fused is not None:
         fused_launch, hw_blocks = fused
         _launch(
-            _bcn_forward_fused_kernel, (groups, hw_blocks), (x, y, workspace, *params, n, c, groups, hw, *rate_and_eps),
-            dict(UPDATE=kernel_update, RELU=relu, **fused_launch), key,
+            _bcn_forward_fused_kernel, (groups, hw_blocks),
+            (x, z, y, workspace, *params, n, c, groups, hw, *rate_and_eps),
+            dict(UPDATE=kernel_update, RESIDUAL=residual is not None, RELU=relu, **fused_launch), key,
         )  # fmt: skip
         return y, (x, workspace)
     _launch(
@@ -667,8 +684,8 @@ def bcn_forward(
         dict(UPDATE=kernel_update, **_group_launch(c // groups)), key,
     )  # fmt: skip
     _launch(
-        _bcn_apply_kernel, grid_split, (x, x, x, y, workspace, n * c, hw),
-        dict(TWO_INPUTS=False, RELU=relu, **launch), key,
+        _bcn_apply_kernel, grid_split, (x, z, x, y, workspace, n * c, hw),
+        dict(TWO_INPUTS=False, RESIDUAL=residual is not None, RELU=relu, **launch), key,
     )  # fmt: skip
     return y, (x, workspace)
 
@@ -680,10 +697,11 @@ def bcn_backward(
     bn_bias: torch.Tensor,
     gamma: torch.Tensor,
     relu_output: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`bcn_forward`: ``dx`` (x's dtype), then float32 ``d_bn_weight``,
-    ``d_bn_bias``, ``d_gamma``, ``d_beta``. After a forward with ``relu``, ``relu_output``
-    is its output (``dy`` passes where it is > 0)."""
+    residual_gradient: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`bcn_forward`: ``dx`` (x's dtype), the residual's gradient (dy's dtype) if
+    ``residual_gradient`` else None, then float32 ``d_bn_weight``, ``d_bn_bias``, ``d_gamma``, ``d_beta``.
+    After a forward with ``relu``, ``relu_output`` is its output (``dy`` passes where it is > 0)."""
     x, forward_workspace = saved
     n, c = x.shape[:2]
     groups = gamma.numel()
@@ -691,11 +709,20 @@ def bcn_backward(
     dy = dy.contiguous()
     relu = relu_output is not None
     y = relu_output if relu else dy  # y: read only with RELU
+    # the residual's gradient: dy, through the ReLU if any (written by the sums kernel, then BCN's dy)
+    dz = (torch.empty_like(dy) if relu else dy) if residual_gradient else None
+    store_gradient = relu and residual_gradient
     launch, grid, grid_split = _rows_launch(n * c, hw)
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)
     key = (x.shape, groups, *_launch_key(dy, x, y, bn_weight, bn_bias, gamma))
-    _launch(_bcn_backward_sums_kernel, grid, (dy, x, y, workspace, n * c, hw), dict(RELU=relu, **launch), key)
+    _launch(
+        _bcn_backward_sums_kernel, grid, (dy, x, y, dz if store_gradient else dy, workspace, n * c, hw),
+        dict(RELU=relu, STORE_GRADIENT=store_gradient, **launch), key,
+    )  # fmt: skip
+    if store_gradient:  # from here on, the gradient through the ReLU is BCN's dy
+        dy, relu = dz, False
+        key = (x.shape, groups, *_launch_key(dy, x, y, bn_weight, bn_bias, gamma))
     dx = torch.empty_like(x)
     args = (workspace, forward_workspace, bn_weight, bn_bias, gamma, n, c, groups, hw)
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
@@ -708,7 +735,7 @@ def bcn_backward(
         _launch(_bcn_backward_finalize_kernel, (groups,), args, _group_launch(c // groups), key)
         _launch(
             _bcn_apply_kernel, grid_split, (dy, x, y, dx, workspace, n * c, hw),
-            dict(TWO_INPUTS=True, RELU=relu, **launch), key,
+            dict(TWO_INPUTS=True, RESIDUAL=False, RELU=relu, **launch), key,
         )  # fmt: skip
     # one split_with_sizes, no slice before it; not Tensor.split, whose symbolic-shape checks cost host time
-    return (dx, *workspace.split_with_sizes((5 * n * c, c, c, groups, groups))[1:])
+    return (dx, dz, *workspace.split_with_sizes((5 * n * c, c, c, groups, groups))[1:])

@@ -201,7 +201,8 @@ def _is_relu(activation) -> bool:
 
 
 def norm_fuses_relu(norm: Optional[nn.Module]) -> bool:
-    """Whether ``norm`` applies a following ReLU itself, as ``norm(x, relu=True)`` (BCN: ``fuses_relu``).
+    """Whether ``norm`` applies a following residual addition and ReLU itself, as
+    ``norm(x, residual=z, relu=True)`` (BCN: ``fuses_relu``).
 
     Read on the class: on a module, ``getattr`` with a default goes through ``Module.__getattr__``
     and an AttributeError for every other norm (~1 us), and convs ask on every forward.
@@ -222,7 +223,8 @@ class WSConv2d(Conv2d):
 
     The raw ``weight`` stays the learnable parameter (WS is a reparameterization),
     ``bias``, ``norm`` and ``activation`` behave as in the parent class (a
-    ReLU activation runs inside a BCN norm: ``BatchChannelNorm2d.fuses_relu``). When no
+    ReLU activation runs inside a BCN norm: ``BatchChannelNorm2d.fuses_relu``), and
+    ``forward`` may add a residual before the activation (inside a BCN too). When no
     gradient has to flow into the weight (``torch.no_grad``, eval, or a frozen
     layer) the standardized weight is cached and reused, across ``train()`` /
     ``eval()`` calls, until the raw weight changes: an optimizer step, an
@@ -280,17 +282,23 @@ class WSConv2d(Conv2d):
             self._cache_key = (w, *key)
         return self._cached_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``activation(norm(conv(x)) + residual)``; ``residual`` (e.g. a ResNet block's shortcut) is optional."""
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
         x = self._conv_forward(x, self.standardized_weight(), self.bias)
-        if norm_fuses_relu(self.norm) and _is_relu(self.activation):
-            return self.norm(x, relu=True)  # a BCN: the ReLU in its own kernels
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+        activation = self.activation
+        if norm_fuses_relu(self.norm):  # a BCN: the residual and a ReLU in its own kernels
+            relu = _is_relu(activation)
+            x = self.norm(x, residual=residual, relu=relu)
+            if relu:
+                return x
+        else:
+            if self.norm is not None:
+                x = self.norm(x)
+            if residual is not None:
+                x += residual
+        return x if activation is None else activation(x)
 
     def __prepare_scriptable__(self):
         raise export_error(type(self).__name__)

@@ -4,6 +4,7 @@ from .backbone import (
     build_ws_resnet_fpn_backbone,
     build_ws_retinanet_resnet_fpn_backbone,
     relus_into_convs,
+    relus_out_of_convs,
 )
 from .fold import fold_for_inference
 from .lazy import build_ws_model

@@ -4,7 +4,8 @@ They are detectron2's own builders, given a copy of the config whose norm
 slots hold constructors resolved from the plugin's norm names (detectron2's
 blocks accept a callable wherever they accept a norm name), then standardized
 by the one WS rule of :mod:`wsbcn_d2.modeling.wsbcn`, and with the ReLUs that
-follow a BCN conv inside a block applied by that conv (:func:`relus_into_convs`).
+follow a BCN conv inside a block (and the shortcut addition before the last)
+applied by that conv (:func:`relus_into_convs`).
 """
 from typing import Callable
 
@@ -17,7 +18,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import norm_fuses_relu
+from ..layers import WSConv2d, norm_fuses_relu
 from .wsbcn import resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "build_ws_resnet_fpn_backbone",
     "build_ws_retinanet_resnet_fpn_backbone",
     "relus_into_convs",
+    "relus_out_of_convs",
 ]
 
 _NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM")
@@ -33,56 +35,70 @@ _NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM")
 class ConvReLUBasicStem(BasicStem):
     """detectron2's ``BasicStem``, its ReLU applied by ``conv1`` (as its activation)."""
 
+    relu_convs = ("conv1",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
 
 
 class ConvReLUBasicBlock(BasicBlock):
-    """detectron2's ``BasicBlock``, the ReLU after ``conv1`` applied by it (as its activation)."""
+    """detectron2's ``BasicBlock``, its ReLUs applied by its convs, ``conv2`` adding the shortcut first."""
+
+    relu_convs = ("conv1", "conv2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(self.conv1(x))
-        out += x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(out)
+        out = self.conv1(x)
+        return self.conv2(out, residual=x if self.shortcut is None else self.shortcut(x))
 
 
 class ConvReLUBottleneckBlock(BottleneckBlock):
-    """detectron2's ``BottleneckBlock``, the ReLUs after ``conv1`` and ``conv2`` applied by them."""
+    """detectron2's ``BottleneckBlock``, its ReLUs applied by its convs, ``conv3`` adding the shortcut first."""
+
+    relu_convs = ("conv1", "conv2", "conv3")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
-        out += x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(out)
+        out = self.conv2(self.conv1(x))
+        return self.conv3(out, residual=x if self.shortcut is None else self.shortcut(x))
 
 
-_CONV_RELU_CLASSES = {
-    BasicStem: (ConvReLUBasicStem, ("conv1",)),
-    BasicBlock: (ConvReLUBasicBlock, ("conv1",)),
-    BottleneckBlock: (ConvReLUBottleneckBlock, ("conv1", "conv2")),
-}
+_CONV_RELU_CLASSES = {cls.__bases__[0]: cls for cls in (ConvReLUBasicStem, ConvReLUBasicBlock, ConvReLUBottleneckBlock)}
 
 
 def relus_into_convs(module: nn.Module) -> nn.Module:
     """Let the convs of detectron2's ResNet stems and blocks in ``module`` apply the ReLUs that follow
-    them, where the convs' norms can run them (BCN: ``fuses_relu``).
+    them, and the block's last conv the shortcut addition before its ReLU, where the convs are
+    :class:`WSConv2d` whose norms can run both (BCN: ``fuses_relu``).
 
     In place (the module's class changes, as for :meth:`WSConv2d.convert_`): each
-    such conv gets an in-place ``nn.ReLU`` as its ``activation`` and the block's ``forward``
-    no longer applies it; the function, parameters and state dict stay the same.
-    A :class:`WSConv2d` whose norm is a BCN then runs the ReLU inside BCN's
-    kernels: on a GPU, one ReLU kernel and one autograd node less per conv and
-    step. Blocks with other norms (where the module call would only add host
-    time) and of other classes (e.g. deformable) are left as they are.
-    Returns ``module``.
+    such conv gets an in-place ``nn.ReLU`` as its ``activation`` and the block's
+    ``forward`` passes the shortcut to its last conv (``residual``) instead of
+    adding it and applying the ReLU itself; the function, parameters and state
+    dict stay the same. BCN then runs the addition and the ReLUs inside its
+    kernels: on a GPU, per block and step, one ReLU kernel and autograd node less
+    per conv and an addition less. Blocks with other norms (where the module call
+    would only add host time), plain convs and other classes (e.g. deformable) are
+    left as they are; :func:`relus_out_of_convs` undoes it. Returns ``module``.
     """
     for block in module.modules():
-        cls, conv_names = _CONV_RELU_CLASSES.get(type(block), (None, ()))
-        convs = [getattr(block, name) for name in conv_names]
-        if cls is None or not all(c.activation is None and norm_fuses_relu(c.norm) for c in convs):
+        cls = _CONV_RELU_CLASSES.get(type(block))
+        if cls is None:
             continue
-        block.__class__ = cls
-        for conv in convs:
-            conv.activation = nn.ReLU(inplace=True)
+        convs = [getattr(block, name) for name in cls.relu_convs]
+        if all(isinstance(c, WSConv2d) and c.activation is None and norm_fuses_relu(c.norm) for c in convs):
+            block.__class__ = cls
+            for conv in convs:
+                conv.activation = nn.ReLU(inplace=True)
+    return module
+
+
+def relus_out_of_convs(module: nn.Module) -> nn.Module:
+    """Undo :func:`relus_into_convs` in ``module``, in place: detectron2's block classes, convs without
+    activations. Returns ``module``."""
+    for block in module.modules():
+        if type(block) in _CONV_RELU_CLASSES.values():
+            for name in type(block).relu_convs:
+                getattr(block, name).activation = None
+            block.__class__ = type(block).__bases__[0]
     return module
 
 

@@ -9,7 +9,9 @@ for large-batch BCN). :func:`fold_for_inference` bakes both into the model:
 - every BCN carried by a conv (``conv.norm``) has its batch step
   ``x * a + b`` folded into that conv (``W[o] *= a[o]``, bias ``a * bias + b``)
   and becomes an ``nn.GroupNorm(G, C)`` whose per-channel affine repeats the
-  BCN's per-group affine.
+  BCN's per-group affine;
+- ResNet blocks whose convs apply the block's ReLUs (:func:`relus_into_convs`)
+  become detectron2's blocks again.
 
 The result holds only detectron2 / torch layers, so it exports like any
 detectron2 model (e.g. ``detectron2.export.TracingAdapter`` + ``torch.jit.trace``).
@@ -21,6 +23,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 
 from ..layers import BatchChannelNorm2d, WSConv2d
+from .backbone import relus_out_of_convs
 
 __all__ = ["fold_for_inference"]
 
@@ -62,7 +65,7 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     rounding. A BCN that is not the ``norm`` of a ``detectron2.layers.Conv2d``
     stays a BCN (it is correct, only not folded).
     """
-    folded = copy.deepcopy(model).eval()
+    folded = relus_out_of_convs(copy.deepcopy(model).eval())
     for module in list(folded.modules()):
         if isinstance(module, WSConv2d):
             _plain_conv_(module)
