@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Cost of one BCN layer against one GroupNorm per call (alone, and with a ReLU after), training and inference:
-host and wall time.
+"""Cost of one BCN layer against one GroupNorm per call (alone, with a ReLU after, and with a shortcut added
+before the ReLU), training and inference: host and wall time.
 
 On a GPU a detection step with 1-2 images per GPU is bound by the host issuing
 kernels, so what a norm layer costs is mostly host time. For R-50-FPN shapes
@@ -9,8 +9,10 @@ backward (training) and forward under ``no_grad`` (inference): the host time
 (until the loop returns, without waiting for the GPU) and the wall time
 (waiting for it), per call, in interleaved repetitions (the order rotates),
 and reports the median ratio to GN of the same repetition; the same for a norm
-followed by a ReLU (GN then ``F.relu_``, against BCN with its fused ReLU). On CPU
-host and wall time are the same computation.
+followed by a ReLU (GN then ``F.relu_``, against BCN with its fused ReLU) and
+for the end of a ResNet block, ``relu(norm(x) + x)`` (GN then ``+=`` and
+``F.relu_``, against BCN with the addition and ReLU fused). On CPU host and
+wall time are the same computation.
 
 ``--profile`` adds, for the first shape, the torch profiler's table of each
 layer's training calls (host time per op and autograd node, by self time): where
@@ -35,6 +37,7 @@ from unittest import mock
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from wsbcn_d2.layers import BatchChannelNorm2d, triton_kernels
 
@@ -46,28 +49,37 @@ SHAPES: Dict[str, Tuple[int, int, int, int]] = {
 }
 """Input shapes (N, C, H, W): a host-bound one, then R-50-FPN layers at 800 px with 2 images."""
 
-VARIANTS = {"GN": "GN", "BCN": "GN", "GN+ReLU": "GN+ReLU", "BCN+ReLU": "GN+ReLU"}
-"""Each layer and the layer its ratios are taken against: a norm, or a norm and the ReLU after it
-(detectron2's ``F.relu_`` after group norm; BCN's fused ``relu=True``)."""
+VARIANTS = {
+    "GN": "GN", "BCN": "GN",
+    "GN+ReLU": "GN+ReLU", "BCN+ReLU": "GN+ReLU",
+    "GN+shortcut+ReLU": "GN+shortcut+ReLU", "BCN+shortcut+ReLU": "GN+shortcut+ReLU",
+}  # fmt: skip
+"""Each layer and the layer its ratios are taken against: a norm, a norm and the ReLU after it
+(detectron2's ``F.relu_`` after group norm; BCN's fused ``relu=True``), or a block's end
+``relu(norm(x) + x)`` (detectron2's ``out += shortcut``, ``F.relu_``; BCN's ``residual=x, relu=True``)."""
 
 
-class _ReLUInside(nn.Module):
-    """``norm(x, relu=True)``: BCN with its fused ReLU, as a conv with a ReLU activation calls it."""
+class _NormThen(nn.Module):
+    """A norm with the ReLU (``relu``) after it and the input added before (``shortcut``): detectron2's ops
+    after a group norm, the norm's own arguments for BCN."""
 
-    def __init__(self, norm: BatchChannelNorm2d):
+    def __init__(self, norm: nn.Module, relu: bool, shortcut: bool):
         super().__init__()
-        self.norm = norm
+        self.norm, self.relu, self.shortcut = norm, relu, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x, relu=True)
+        if isinstance(self.norm, BatchChannelNorm2d):
+            return self.norm(x, residual=x if self.shortcut else None, relu=self.relu)
+        out = self.norm(x)
+        if self.shortcut:
+            out += x
+        return F.relu_(out) if self.relu else out
 
 
 def build_layer(variant: str, channels: int, device: str) -> nn.Module:
     norm = nn.GroupNorm(32, channels) if variant.startswith("GN") else BatchChannelNorm2d(channels, 32)
-    if variant == "GN+ReLU":
-        norm = nn.Sequential(norm, nn.ReLU(inplace=True))
-    elif variant == "BCN+ReLU":
-        norm = _ReLUInside(norm)
+    if "+" in variant:
+        norm = _NormThen(norm, relu=variant.endswith("ReLU"), shortcut="shortcut" in variant)
     return norm.to(device)  # BCN: micro-batch, training mode
 
 

@@ -5,6 +5,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.nn import functional as F
 
+import helpers
 from wsbcn_d2.layers import WSConv2d, standardize_weight
 
 EPS = 1e-5
@@ -63,6 +64,23 @@ def test_norm_activation_and_empty_input_as_parent():
     expected = F.relu(norm(reference_conv(conv, x, conv.weight.detach()).float()))
     torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)
     assert conv(torch.zeros(0, 4, 6, 6)).shape == (0, 8, 6, 6)
+
+
+@pytest.mark.parametrize("norm", ["GN", "BCN", None])
+@pytest.mark.parametrize("activation", [F.relu, torch.tanh, None], ids=["relu", "tanh", "none"])
+def test_residual_is_added_before_the_activation(norm, activation):
+    torch.manual_seed(0)
+    norm = {"GN": nn.GroupNorm(4, 8), "BCN": helpers.randomized_bcn(8, 4).eval(), None: None}[norm]
+    conv = WSConv2d(4, 8, 3, padding=1, bias=False, norm=norm, activation=activation)
+    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
+    out = reference_conv(conv, x, conv.weight.detach()).float()
+    out = (out if norm is None else norm(out)) + z
+    expected = out if activation is None else activation(out)
+    got = conv(x, residual=z)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    (d_residual,) = torch.autograd.grad(got.square().sum(), z)
+    (expected_d_residual,) = torch.autograd.grad(expected.square().sum(), z)
+    torch.testing.assert_close(d_residual, expected_d_residual, rtol=1e-4, atol=1e-4)
 
 
 def test_eval_caches_but_follows_weight_updates():

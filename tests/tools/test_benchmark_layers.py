@@ -14,23 +14,26 @@ from wsbcn_d2.layers import triton_kernels
 def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
     tool = load_tool("benchmark_layers")
     results = tool.measure((2, 64, 5, 7), "cpu", reps=2, calls=3)
-    assert set(results) == {"GN", "BCN", "GN+ReLU", "BCN+ReLU"}
+    assert set(results) == {"GN", "BCN", "GN+ReLU", "BCN+ReLU", "GN+shortcut+ReLU", "BCN+shortcut+ReLU"}
     for times in results.values():
         assert all(len(times[kind]) == 2 for kind in tool.TIMES)
         for mode in ("train", "infer"):
             assert all(0 < host <= wall for host, wall in zip(times[f"{mode} host"], times[f"{mode} wall"]))
     table = tool.format_table({"small": results}).splitlines()
     rows = {line.split(" | ")[1]: line for line in table[2:]}
-    assert len(rows) == 4 and all(("x)" in rows[v]) == v.startswith("BCN") for v in rows)  # ratios: BCN's rows
+    assert len(rows) == 6 and all(("x)" in rows[v]) == v.startswith("BCN") for v in rows)  # ratios: BCN's rows
 
 
 def test_relu_variants_compute_the_norm_then_a_relu():
     tool = load_tool("benchmark_layers")
     x = torch.randn(2, 64, 5, 7)
     for norm in ("GN", "BCN"):
-        plain, with_relu = tool.build_layer(norm, 64, "cpu").eval(), tool.build_layer(f"{norm}+ReLU", 64, "cpu").eval()
+        plain = tool.build_layer(norm, 64, "cpu").eval()
+        with_relu = tool.build_layer(f"{norm}+ReLU", 64, "cpu").eval()
+        block_end = tool.build_layer(f"{norm}+shortcut+ReLU", 64, "cpu").eval()
         with torch.no_grad():
             torch.testing.assert_close(with_relu(x), torch.relu(plain(x)))
+            torch.testing.assert_close(block_end(x), torch.relu(plain(x) + x))
 
 
 def test_layer_profile_shows_each_layers_forward_and_backward():

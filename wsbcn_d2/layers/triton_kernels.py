@@ -14,7 +14,8 @@ against (on CPU tensors, through Triton's interpreter, ``TRITON_INTERPRET=1``):
   large-batch BCN in eval): forward, per-(sample, channel) moments, then one
   kernel over (group, block of HW) whose programs each redo their group's
   estimate update and per-(N, C) algebra (a few dozen numbers for 1-2 images)
-  and write ``y = x * S + T``; backward, two per-(sample, channel) sums, then
+  and write ``y = x * S + T`` (optionally ``relu(x * S + T + z)``, a ResNet block's
+  end); backward, two per-(sample, channel) sums, then
   the same for ``dx = A * dy + B * x + D`` and the parameter gradients: the
   passes of a group norm, two launches each. For many samples (RoI heads) the
   per-group work runs once, in a kernel of its own between the two (three
