@@ -108,7 +108,8 @@ def _run_launchers(dtype: torch.dtype) -> None:
         # training, eval (statistics in float32 out under autocast), training with the fused ReLU, and with
         # a residual added before it (a ResNet block's last conv)
         for update_rate, out_dtype, residual, relu in [
-            (0.1, dtype, None, False), (0.0, torch.float32, None, False), (0.1, dtype, None, True), (0.1, dtype, x, True)
+            (0.1, dtype, None, False), (0.0, torch.float32, None, False), (0.1, dtype, None, True),
+            (0.1, dtype, x, True),
         ]:  # fmt: skip
             y, saved = triton_kernels.bcn_forward(
                 x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, residual, 1e-5, 1e-5, update_rate,

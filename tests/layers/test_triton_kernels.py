@@ -366,9 +366,11 @@ def test_bcn_residual_of_another_shape_is_an_error(kernels):
         module(x, residual=torch.randn(1, 8, 1, 1, device=DEVICE), relu=True)
 
 
+@pytest.mark.parametrize("block_end", [False, True], ids=["bcn", "bcn_shortcut_relu"])
 @pytest.mark.parametrize("n, launches", [(2, (2, 2)), (300, (3, 3))])
-def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches):
-    # micro-batches: moments + fused forward, sums + fused backward; RoI heads: per-group kernels between
+def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches, block_end):
+    # micro-batches: moments + fused forward, sums + fused backward; RoI heads: per-group kernels between;
+    # the same with a residual added and a ReLU (a ResNet block's end)
     counts = {"forward": 0, "backward": 0}
     for name in [k for k in vars(triton_kernels) if k.startswith("_bcn_") and k.endswith("_kernel")]:
         kernel = getattr(triton_kernels, name)
@@ -383,10 +385,12 @@ def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches):
         monkeypatch.setattr(triton_kernels, name, Counted())
     module = randomized_bcn(16, 4)
     backward_started = False
-    out = module(torch.randn(n, 16, 3, 3, device=DEVICE, requires_grad=True))
+    x, z = (torch.randn(n, 16, 3, 3, device=DEVICE, requires_grad=True) for _ in range(2))
+    out = module(x, residual=z, relu=True) if block_end else module(x)
     backward_started = True
     out.sum().backward()
     assert (counts["forward"], counts["backward"]) == launches
+    assert (z.grad is not None) == block_end
 
 
 @pytest.mark.parametrize("why", ["no_grad", "frozen_parameters"])
@@ -596,23 +600,24 @@ def test_ws_group_full_size_resnet_weights():
 # a res2 map of an 800x1067 image pair, a res5 map, and the box head's 7x7 maps of 1024 RoIs
 @cuda_only
 @pytest.mark.parametrize("shape", [(2, 256, 200, 267, 32), (2, 2048, 25, 34, 32), (1024, 256, 7, 7, 32)], ids=str)
-@pytest.mark.parametrize("relu", [False, True], ids=["bcn", "bcn_relu"])
-def test_bcn_kernels_full_size(monkeypatch, shape, relu):
+@pytest.mark.parametrize("ops", ["bcn", "relu", "residual, relu"])
+def test_bcn_kernels_full_size(monkeypatch, shape, ops):
     n, c, h, w, groups = shape
+    relu = "relu" in ops
     module = randomized_bcn(c, groups)
     reference = copy.deepcopy(module).double()
     x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
     grad = torch.randn(n, c, h, w, device=DEVICE)
-
-    def separate_relu(x):
-        return reference(x).relu() if relu else reference(x)
-
-    got = run_bcn(module, x, grad, lambda x: module(x, relu=relu))
+    z = torch.randn(n, c, h, w, device=DEVICE) if "residual" in ops else None
+    got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu))
     with monkeypatch.context() as m:
         torch_path(m)
-        expected = run_bcn(reference, x.double(), grad.double(), separate_relu)
+        z64 = None if z is None else z.double()
+        expected = run_bcn_with_residual(reference, x.double(), z64, grad.double(), separate_forward(reference, relu))
     for a, b in zip(got, expected):
+        if b is None:
+            assert a is None
+            continue
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
     for key, value in bcn_state(module).items():
         torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
-

@@ -178,7 +178,8 @@ class _TritonBCN(torch.autograd.Function):
             x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, *options
         )
         ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if options[-1] else None)
-        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, None if residual is None else residual.dtype)
+        residual_dtype = None if residual is None else residual.dtype
+        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, residual_dtype)
         return y
 
     @staticmethod
@@ -345,7 +346,8 @@ class BatchChannelNorm2d(nn.GroupNorm):
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
         if residual is not None and residual.shape != x.shape:
-            raise ValueError(f"BCN's residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+            shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
+            raise ValueError(f"BCN's residual must have the input's shape {shapes}")
         bn = self.batch_norm
         if not self._fixed_statistics():
             channels_per_group = self.num_channels // self.num_groups
