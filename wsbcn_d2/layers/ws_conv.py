@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.layers import Conv2d
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn import functional as F
 
 from . import triton_kernels
@@ -93,13 +94,12 @@ class _StandardizeGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, row_start, row_len, eps: float, out_dtype, group_ref, token, *weights: torch.Tensor):
-        flat = torch.cat([w.reshape(-1) for w in weights])
+        # flatten / unflatten: torch's C++ loops (as DDP's buckets use), not one Python call per weight
+        flat = _flatten_dense_tensors(weights)
         w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps)
         ctx.save_for_backward(w_hat, std, row_start, row_len)
-        ctx.eps, ctx.group_ref, ctx.token = eps, group_ref, token
-        ctx.shapes, ctx.weight_dtype = [w.shape for w in weights], weights[0].dtype
-        outputs = w_hat.to(out_dtype).split([w.numel() for w in weights])
-        return tuple(out.view(w.shape) for out, w in zip(outputs, weights))
+        ctx.eps, ctx.group_ref, ctx.token, ctx.weight_dtype = eps, group_ref, token, weights[0].dtype
+        return tuple(_unflatten_dense_tensors(w_hat.to(out_dtype), weights))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -108,10 +108,8 @@ class _StandardizeGroup(torch.autograd.Function):
         if group is not None:
             group.release(ctx.token)
         w_hat, std, row_start, row_len = ctx.saved_tensors
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])
-        grad = triton_kernels.ws_rows_backward(flat_grad, w_hat, std, row_start, row_len, ctx.eps)
-        grad = grad.to(ctx.weight_dtype).split([math.prod(shape) for shape in ctx.shapes])
-        return (None, None, None, None, None, None, *(g.view(shape) for g, shape in zip(grad, ctx.shapes)))
+        grad = triton_kernels.ws_rows_backward(_flatten_dense_tensors(grads), w_hat, std, row_start, row_len, ctx.eps)
+        return (None,) * 6 + tuple(_unflatten_dense_tensors(grad.to(ctx.weight_dtype), grads))
 
 
 class WSConvGroup:
@@ -121,7 +119,7 @@ class WSConvGroup:
     by one (about 20 kernels each, forward and backward) costs more than the
     arithmetic. With a group, the first conv that needs its standardized weight
     with a gradient standardizes all members' weights (those that require a
-    gradient, on CUDA) in one :func:`torch.cat` and one Triton kernel; the other
+    gradient, on CUDA) in one concatenation and one Triton kernel; the other
     members use their slices. The result serves until a member's weight changes
     (an optimizer step: version counter) or a backward pass consumes it, so two
     forwards before one backward (gradient accumulation) share it, and a
