@@ -359,6 +359,20 @@ def test_bcn_fused_residual_relu_gradients_follow_the_stored_output(kernels, mon
             assert torch.equal(value, bcn_state(separate)[key])
 
 
+def test_bcn_residual_of_another_dtype(kernels, monkeypatch):
+    # added in float32 to the output, which keeps x's dtype; the residual's gradient comes back in its dtype
+    x = torch.randn(2, 16, 6, 5, device=DEVICE)
+    z = torch.randn(2, 16, 6, 5, device=DEVICE).to(torch.bfloat16)
+    grad = torch.randn(2, 16, 6, 5, device=DEVICE)
+    modules = randomized_bcn(16, 4), randomized_bcn(16, 4)
+    got = run_bcn_with_residual(modules[0], x, z, grad, fused_forward(modules[0], relu=True))
+    torch_path(monkeypatch)
+    expected = run_bcn_with_residual(modules[1], x, z, grad, separate_forward(modules[1], relu=True))
+    assert got[0].dtype == torch.float32 and got[-1].dtype == torch.bfloat16
+    for name, a, b in zip(BCN_GRADIENTS + ["d_residual"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
 def test_bcn_residual_of_another_shape_is_an_error(kernels):
     module = randomized_bcn(8, 4)
     x = torch.randn(2, 8, 4, 4, device=DEVICE)

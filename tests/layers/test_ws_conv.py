@@ -66,11 +66,16 @@ def test_norm_activation_and_empty_input_as_parent():
     assert conv(torch.zeros(0, 4, 6, 6)).shape == (0, 8, 6, 6)
 
 
-@pytest.mark.parametrize("norm", ["GN", "BCN", None])
+@pytest.mark.parametrize("norm", ["GN", "BCN", "large-batch BCN", None])
 @pytest.mark.parametrize("activation", [F.relu, torch.tanh, None], ids=["relu", "tanh", "none"])
 def test_residual_is_added_before_the_activation(norm, activation):
     torch.manual_seed(0)
-    norm = {"GN": nn.GroupNorm(4, 8), "BCN": helpers.randomized_bcn(8, 4).eval(), None: None}[norm]
+    norm = {
+        "GN": nn.GroupNorm(4, 8),
+        "BCN": helpers.randomized_bcn(8, 4).eval(),
+        "large-batch BCN": helpers.randomized_bcn(8, 4, estimate=False),  # training: batch statistics
+        None: None,
+    }[norm]
     conv = WSConv2d(4, 8, 3, padding=1, bias=False, norm=norm, activation=activation)
     x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
     out = reference_conv(conv, x, conv.weight.detach()).float()
