@@ -1,5 +1,6 @@
 """WS-ResNet backbones at every depth and ResNeXt, their blocks' ReLUs in the convs, and config
 validation at build time."""
+import collections
 import copy
 
 import pytest
@@ -137,3 +138,41 @@ def test_ws_backbone_blocks_apply_their_relus_in_the_convs():
     assert len(fused) == 1 + 16 * 3
     assert all(isinstance(c, WSConv2d) and isinstance(c.norm, BatchChannelNorm2d) for c in fused)
     assert all(isinstance(c.activation, nn.ReLU) for c in fused)
+
+
+def autograd_nodes(outputs) -> collections.Counter:
+    """The autograd graph behind ``outputs``: its nodes by type name."""
+    seen, stack = set(), [t.grad_fn for t in outputs]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return collections.Counter(type(node).__name__ for node in seen)
+
+
+def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkeypatch):
+    # the CUDA code's autograd graph of one training forward of the R-50-FPN backbones (FREEZE_AT 2), the
+    # kernels' results replaced by zeros: the graph does not depend on their values
+    monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype == torch.float32)
+    monkeypatch.setattr(
+        triton_kernels, "bcn_forward", lambda x, *args: (torch.zeros(x.shape), (x, torch.zeros(1)))
+    )
+    monkeypatch.setattr(
+        triton_kernels, "ws_rows_forward", lambda flat, row_start, *args: (flat.float(), torch.ones(len(row_start)))
+    )
+    nodes = {}
+    for norm in ("gn", "bcn_ws"):
+        backbone = build_backbone(load_config(f"COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_{norm}.yaml")).train()
+        nodes[norm] = autograd_nodes(backbone(torch.randn(2, 3, 64, 64)).values())
+    gn, bcn = nodes["gn"], nodes["bcn_ws"]
+    trained_blocks, trained_norms = 4 + 6 + 3, (4 + 6 + 3) * 3 + 3 + 8  # res3-res5 (shortcut convs: 3), FPN
+    assert gn["ReluBackward0"] == trained_blocks * 3 and gn["NativeGroupNormBackward0"] == trained_norms
+    # BCN+WS: one node per norm, the ReLUs and the blocks' additions inside them, one node for all of WS
+    assert bcn["ReluBackward0"] == 0 and bcn["NativeGroupNormBackward0"] == 0
+    assert bcn["_TritonBCNBackward"] == trained_norms and bcn["_StandardizeGroupBackward"] == 1
+    assert gn["AddBackward0"] - bcn["AddBackward0"] == trained_blocks
+    # BCN's 4 parameters per layer against group norm's 2 (the paper's batch-step and group affines)
+    assert bcn["AccumulateGrad"] - gn["AccumulateGrad"] == 2 * trained_norms
+    # in all: 4 nodes less per block (3 ReLUs and the addition), 1 for WS, 2 per norm for its parameters
+    assert sum(bcn.values()) == sum(gn.values()) - 4 * trained_blocks + 1 + 2 * trained_norms
