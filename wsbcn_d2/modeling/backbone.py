@@ -61,7 +61,11 @@ class ConvReLUBottleneckBlock(BottleneckBlock):
         return self.conv3(out, residual=x if self.shortcut is None else self.shortcut(x))
 
 
-_CONV_RELU_CLASSES = {cls.__bases__[0]: cls for cls in (ConvReLUBasicStem, ConvReLUBasicBlock, ConvReLUBottleneckBlock)}
+_CONV_RELU_CLASSES = {
+    cls.__bases__[0]: cls for cls in (ConvReLUBasicStem, ConvReLUBasicBlock, ConvReLUBottleneckBlock)
+}
+"""detectron2's stem and block classes -> their subclasses, whose ``relu_convs`` apply the ReLUs (in a
+block, the last one after adding the shortcut)."""
 
 
 def relus_into_convs(module: nn.Module) -> nn.Module:
