@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (`make gpu-check`): the layer tests with the Triton kernels compiled on CUDA
 # (full-size shapes included) and a CUDA training step through both code paths, then
-# tools/benchmark_layers.py (one BCN layer against one GroupNorm, alone and with a ReLU after, host and wall
-# time per call: Triton kernels launched directly, with the torch profiler's table of both layers,
-# through Triton's launcher (WSBCN_TRITON_DIRECT=0), and the torch code),
+# tools/benchmark_layers.py (one BCN layer against one GroupNorm, alone, with a ReLU after and as a block's
+# end with a shortcut added before the ReLU, host and wall time per call: Triton kernels launched
+# directly, with the torch profiler's table of both layers, through Triton's launcher
+# (WSBCN_TRITON_DIRECT=0), and the torch code),
 # then tools/benchmark.py at 800 and 1333 px with 2 images per step, in float32 and under bfloat16
 # autocast, and at 800 px through the torch code (WSBCN_TRITON=0). The tables
 # land in $GPU_CHECK_OUT; the exit status is the tests' (the benchmarks run either way).

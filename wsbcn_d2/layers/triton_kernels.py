@@ -652,8 +652,7 @@ def bcn_forward(
     groups = gamma.numel()
     hw = math.prod(x.shape[2:])
     x = x.contiguous()
-    if residual is not None:
-        residual = residual.contiguous()
+    z = x if residual is None else residual.contiguous()  # z: read only with RESIDUAL
     # one float32 workspace: (N, C) mean and variance, (2, N, C) coefficients S and T (fused: the
     # estimates before the update instead), the (2, C) estimates used (mean, 1 / sqrt(var + eps)) and
     # the (N, G) group mean and 1 / std
@@ -662,7 +661,6 @@ def bcn_forward(
     fused = _fused_launch(n, c // groups, hw, _FUSED_GROUP_TILE)
     kernel_update = update is None and update_rate > 0
     params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
-    z = x if residual is None else residual  # z: read only with RESIDUAL
     key = (x.shape, groups, out_dtype, kernel_update, *_launch_key(x, z, *params))
     _launch(
         _bcn_moments_kernel, grid, (x, workspace, n * c, hw, running_mean, running_var, c),
@@ -711,8 +709,8 @@ def bcn_backward(
     relu = relu_output is not None
     y = relu_output if relu else dy  # y: read only with RELU
     # the residual's gradient: dy, through the ReLU if any (written by the sums kernel, then BCN's dy)
-    dz = (torch.empty_like(dy) if relu else dy) if residual_gradient else None
     store_gradient = relu and residual_gradient
+    dz = torch.empty_like(dy) if store_gradient else dy if residual_gradient else None
     launch, grid, grid_split = _rows_launch(n * c, hw)
     # one float32 workspace: (2, N, C) sums, (3, N, C) coefficients, then the parameter gradients
     workspace = torch.empty(5 * n * c + 2 * c + 2 * groups, dtype=torch.float32, device=x.device)

@@ -25,7 +25,8 @@ __all__ = ["build_ws_model"]
 
 def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: float = 1e-5, **kwargs: Any) -> nn.Module:
     """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule), and
-    the ReLUs of its ResNet blocks applied by their convs, as in the YAML configs' backbones.
+    the ReLUs (and shortcut additions) of its ResNet blocks applied by their convs, as in the YAML
+    configs' backbones (:func:`relus_into_convs`).
 
     Args:
         meta_arch: the model class (or its dotted name), e.g. ``GeneralizedRCNN``.

@@ -42,7 +42,7 @@ class WSMaskRCNNConvUpsampleHead(WSHeadMixin, MaskRCNNConvUpsampleHead):
 @ROI_HEADS_REGISTRY.register()
 class WSRes5ROIHeads(Res5ROIHeads):
     """:class:`Res5ROIHeads` whose res5 stage takes the plugin's norms (``MODEL.RESNETS.NORM``) and WS,
-    its ReLUs applied by the convs as in the backbones (:func:`relus_into_convs`).
+    its ReLUs and shortcut additions applied by the convs as in the backbones (:func:`relus_into_convs`).
 
     The box predictor carries no norm; the mask head is built from
     ``MODEL.ROI_MASK_HEAD.NAME`` as usual (name the plugin's to get WS there too).
