@@ -452,6 +452,12 @@ def main(argv: Sequence[str] = None) -> Dict:
     return report
 
 
+def _command_line(argv: Sequence[str]) -> str:
+    """This run's command, with the WSBCN_* environment variables that choose the code path."""
+    env = [f"{name}={shlex.quote(value)}" for name, value in sorted(os.environ.items()) if name.startswith("WSBCN_")]
+    return " ".join(env + [shlex.join(["python", "tools/benchmark.py", *argv])])
+
+
 def _markdown(report: Dict, argv: Sequence[str]) -> str:
     machine = report["machine"]
     timer = "process CPU time" if report["timer"] == "cpu" else "wall-clock time"
@@ -463,9 +469,9 @@ def _markdown(report: Dict, argv: Sequence[str]) -> str:
             f"`{report['config_file']}` {' '.join(report['opts'])}; {report['images']} image(s) per step, "
             f"{report['precision']}, WS/BCN through the {report['kernels']} code; {report['warmup']} warm-up and "
             f"{report['reps']} interleaved repetitions per variant; times are {timer}. Ratios to GN: median over",
-            "repetitions [its 95% confidence interval, from 6 repetitions] (min-max).",
+            "repetitions [its 95% confidence interval, given from 6 repetitions on] (min-max).",
             "",
-            f"    nice -n 10 .venv/bin/python tools/benchmark.py {shlex.join(argv)}",
+            f"    {_command_line(argv)}",
             "",
             report["table"],
             "",

@@ -266,6 +266,16 @@ def run_bcn_with_residual(module: BatchChannelNorm2d, x, z, grad, forward) -> li
     return results + [None if z is None else z.grad]
 
 
+def gradient_off_the_kink(module: BatchChannelNorm2d, x, z, grad, monkeypatch, margin: float = 1e-3):
+    """``grad`` zeroed where ``module(x) + z`` (float64 torch path, on a copy of the module) lies within
+    ``margin`` of 0: there float32 and float64 may fall on either side of a ReLU's kink, so that one passes
+    the gradient and the other does not."""
+    with monkeypatch.context() as m, torch.no_grad():
+        torch_path(m)
+        before_relu = separate_forward(copy.deepcopy(module), relu=False)(x, z)
+    return grad.masked_fill(before_relu.abs() < margin, 0)
+
+
 def fused_forward(module: BatchChannelNorm2d, relu: bool):
     return lambda x, z: module(x, residual=z, relu=relu)
 
@@ -623,10 +633,12 @@ def test_bcn_kernels_full_size(monkeypatch, shape, ops):
     x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
     grad = torch.randn(n, c, h, w, device=DEVICE)
     z = torch.randn(n, c, h, w, device=DEVICE) if "residual" in ops else None
+    z64 = None if z is None else z.double()
+    if relu:  # millions of outputs: some lie within float32's rounding of the ReLU's kink
+        grad = gradient_off_the_kink(reference, x.double(), z64, grad, monkeypatch)
     got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu))
     with monkeypatch.context() as m:
         torch_path(m)
-        z64 = None if z is None else z.double()
         expected = run_bcn_with_residual(reference, x.double(), z64, grad.double(), separate_forward(reference, relu))
     for a, b in zip(got, expected):
         if b is None:
