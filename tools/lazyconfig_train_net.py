@@ -17,7 +17,6 @@ from detectron2.engine import (
     default_setup,
     default_writers,
     hooks,
-    launch,
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
-from wsbcn_d2.engine import create_ddp_model
+from wsbcn_d2.engine import create_ddp_model, launch
 
 logger = logging.getLogger("detectron2")
 

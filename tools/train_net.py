@@ -9,7 +9,7 @@ import logging
 
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
@@ -17,7 +17,7 @@ from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import check_weights
 from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
-from wsbcn_d2.engine import Trainer
+from wsbcn_d2.engine import Trainer, launch
 
 logger = logging.getLogger("wsbcn_d2")
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.data as torchdata
 from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, build_detection_train_loader
@@ -26,6 +27,7 @@ from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
+from detectron2.engine import launch as d2_launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -35,7 +37,15 @@ from .checkpoint import WSBCNCheckpointer
 from .config import check_precise_bn
 from .modeling import check_ws_coverage
 
-__all__ = ["Trainer", "ResumableBatchSampler", "SeededMapDataset", "IterationSeed", "create_ddp_model", "derive_seed"]
+__all__ = [
+    "Trainer",
+    "ResumableBatchSampler",
+    "SeededMapDataset",
+    "IterationSeed",
+    "create_ddp_model",
+    "derive_seed",
+    "launch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +165,24 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     if next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
     return d2_create_ddp_model(model, **kwargs)
+
+
+def launch(main_func: Callable, num_gpus_per_machine: int, *, args: tuple = (), **kwargs) -> None:
+    """detectron2's ``launch`` (same arguments: ``num_machines``, ``machine_rank``, ``dist_url``,
+    ``timeout``), with every worker leaving its process group once ``main_func`` returns.
+
+    A worker that exits with its gloo process group alive can abort on the way out
+    ("terminate called without an active exception", pytorch/pytorch#190489), so that a
+    finished run reports failure; each worker here waits for the others, then destroys the group.
+    """
+    d2_launch(_run_then_leave_process_group, num_gpus_per_machine, args=(main_func, *args), **kwargs)
+
+
+def _run_then_leave_process_group(main_func: Callable, *args) -> None:
+    main_func(*args)
+    if dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
 
 
 class Trainer(DefaultTrainer):

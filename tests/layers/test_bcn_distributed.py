@@ -2,9 +2,9 @@
 import os
 
 import torch
-from detectron2.engine import launch
 from detectron2.utils import comm
 
+from wsbcn_d2.engine import launch
 from wsbcn_d2.layers import BatchChannelNorm2d
 
 C, G = 8, 4
