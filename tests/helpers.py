@@ -1,6 +1,8 @@
 """Shared test helpers: configs from the repository, a tiny synthetic training input, the
-scripts of tools/ as modules, and a check that tools/train_net.py fails cleanly on bad input."""
+scripts of tools/ as modules, a check that tools/train_net.py fails cleanly on bad input, and
+each source's own WS line with filters as small as trained ones."""
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import sys
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances
+from torch.nn import functional as F
 
 from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.layers import BatchChannelNorm2d
@@ -101,3 +104,44 @@ def randomized_bcn(channels: int, groups: int, estimate: bool = True, rate: floa
         module.batch_norm.running_mean.uniform_(-1, 1)
         module.batch_norm.running_var.uniform_(0.5, 2)
     return module
+
+
+# Each source's own WS line, restated in torch (the sources of pretrained WS weights disagree on it).
+def _ws_repository_line(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the WS repository's Conv2d (and mmcv's conv_ws_2d): std over the flattened filter, then + eps
+    weight = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+    std = weight.view(weight.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + eps
+    return weight / std.expand_as(weight)
+
+
+def _bcn_repository_line(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the BCN repository's imagenet/models/layers.py Conv2d: torch.pow(var + eps, 0.5)
+    weight = weight - weight.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+    std = torch.pow(weight.view(weight.size(0), -1).var(dim=1) + eps, 0.5).view(-1, 1, 1, 1)
+    return weight / std.expand_as(weight)
+
+
+def _timm_line(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # timm's StdConv2d: a batch norm over a (1, O, -1) view, in training mode (biased variance)
+    return F.batch_norm(
+        weight.reshape(1, weight.shape[0], -1), None, None, training=True, momentum=0.0, eps=eps
+    ).reshape_as(weight)
+
+
+WS_SOURCE_LINES = {"std+eps": _ws_repository_line, "var+eps": _bcn_repository_line, "biased_var+eps": _timm_line}
+"""WS form name -> the source's own standardization ``(weight (O, I, kh, kw), eps) -> W_hat``."""
+
+
+def trained_ws_filters_(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Give each filter of ``weight`` a mean and a std drawn log-uniformly from [1e-3, 5e-2], in place.
+
+    Trained WS filters have small stds (weight decay shrinks scale-invariant weights), where the WS
+    forms differ most; returns ``weight``.
+    """
+    with torch.no_grad():
+        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        log_std = torch.empty(shape, dtype=torch.float64).uniform_(math.log(1e-3), math.log(5e-2), generator=generator)
+        noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+        mean = torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-2
+        weight.copy_(noise * log_std.exp() + mean)
+    return weight

@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from wsbcn_d2.layers import triton_kernels
+from wsbcn_d2.layers.ws_conv import WS_FORMS
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                   torch.int32: "*i32"}  # fmt: skip
@@ -91,12 +92,13 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
 
 
 def _run_launchers(dtype: torch.dtype) -> None:
-    # WS: rows shorter and longer than a block; the gradient in the convs' dtype (autocast)
+    # WS, every form: rows shorter and longer than a block; the gradient in the convs' dtype (autocast)
     flat = torch.randn(3 * 700 + 8 * 9).to(dtype)
     row_start = torch.tensor([0, 700, 1400] + [2100 + 9 * i for i in range(8)], dtype=torch.int64)
     row_len = torch.tensor([700] * 3 + [9] * 8, dtype=torch.int32)
-    w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5)
-    triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, std, row_start, row_len, 1e-5)
+    for form in WS_FORMS.values():  # each form is a compile-time choice
+        w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5, *form[:2])
+        triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, root, row_start, row_len, 1e-5, *form[:2])
     # BCN, 32 groups: 1 to 128 channels per group (and 3), maps from 1x1 to more than a block, RoI heads
     shapes = [(2, 32, 1, 1), (2, 64, 50, 68), (2, 96, 5, 5), (2, 128, 25, 34), (2, 256, 13, 17), (2, 512, 7, 7),
               (2, 1024, 4, 4), (2, 2048, 2, 2), (2, 4096, 3, 3), (300, 256, 14, 14)]  # fmt: skip

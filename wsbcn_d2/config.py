@@ -9,7 +9,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.layers import get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from .layers import DEFAULT_UPDATE_RATE, norm_names
+from .layers import DEFAULT_UPDATE_RATE, WS_FORMS, norm_names
 
 __all__ = [
     "NORM_SLOTS",
@@ -29,8 +29,12 @@ def add_wsbcn_config(cfg: CN) -> None:
 
     - ``MODEL.WS.ENABLED`` (True): the plugin's backbones and heads standardize
       every conv that carries a norm (the official code's placement).
-    - ``MODEL.WS.EPS`` (1e-5): added to each filter's std, outside the root,
-      as in the official code.
+    - ``MODEL.WS.FORM`` ("std+eps") and ``MODEL.WS.EPS`` (1e-5): how each filter is
+      standardized (:data:`wsbcn_d2.layers.WS_FORMS`): ``"std+eps"`` divides by
+      std + eps as the official WS code; ``"var+eps"`` by sqrt(var + eps) as the
+      official BCN ImageNet models; ``"biased_var+eps"`` as timm. Pretrained WS
+      weights compute their trained function only under their own form and eps,
+      which converted checkpoints record (see ``MODEL.WEIGHTS_ALLOW_WS_MISMATCH``).
     - ``MODEL.GN.NUM_GROUPS`` (32): groups of the norm named "GN".
     - ``MODEL.BCN.NUM_GROUPS`` (32), ``MODEL.BCN.EPS`` (1e-5): BCN's channel
       step, as in the paper.
@@ -40,10 +44,15 @@ def add_wsbcn_config(cfg: CN) -> None:
     - ``MODEL.WEIGHTS_ALLOW_PARTIAL`` (False): let ``MODEL.WEIGHTS`` leave backbone
       (bottom-up) tensors unloaded or skip them for their shape; by default the
       plugin's checkpointer stops with a report instead.
+    - ``MODEL.WEIGHTS_ALLOW_WS_MISMATCH`` (False): load a converted backbone whose
+      recorded WS form or eps differs from the model's (the backbone then computes
+      another function than it was trained to); by default loading stops.
     """
     cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False
+    cfg.MODEL.WEIGHTS_ALLOW_WS_MISMATCH = False
     cfg.MODEL.WS = CN()
     cfg.MODEL.WS.ENABLED = True
+    cfg.MODEL.WS.FORM = "std+eps"
     cfg.MODEL.WS.EPS = 1e-5
     cfg.MODEL.GN = CN()
     cfg.MODEL.GN.NUM_GROUPS = 32
@@ -177,12 +186,14 @@ def _require(ok: bool, key: str, what: str, requirement: str, value: Any) -> Non
 def check_norm_slots(cfg: CN) -> None:
     """Check the plugin's values and every used norm slot of ``cfg``, without building anything.
 
-    Raises a one-line ``ValueError`` naming the key: a WS / BCN eps that is not
-    finite and > 0, an update rate outside [0, 1], a group count < 1, an
+    Raises a one-line ``ValueError`` naming the key: an unknown WS form, a WS / BCN
+    eps that is not finite and > 0, an update rate outside [0, 1], a group count < 1, an
     unknown norm name, or one of the plugin's norms in a slot read by a
     detectron2 component (which cannot build it; the message names the
     plugin's variant to select instead).
     """
+    form = cfg.MODEL.WS.FORM
+    _require(form in WS_FORMS, "MODEL.WS.FORM", "WS form", f"one of {', '.join(map(repr, WS_FORMS))}", form)
     for key, what in (("MODEL.WS.EPS", "WS eps"), ("MODEL.BCN.EPS", "BCN eps")):
         eps = cfg_value(cfg, key)
         _require(_is_finite_number(eps) and eps > 0, key, what, "a finite number > 0", eps)

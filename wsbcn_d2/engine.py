@@ -222,10 +222,8 @@ class Trainer(DefaultTrainer):
 
     @staticmethod
     def build_checkpointer(cfg: CfgNode, model: torch.nn.Module, **checkpointables) -> WSBCNCheckpointer:
-        """The checkpointer of training and evaluation (``MODEL.WEIGHTS_ALLOW_PARTIAL`` applied)."""
-        return WSBCNCheckpointer(
-            model, cfg.OUTPUT_DIR, allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL, **checkpointables
-        )
+        """The checkpointer of training and evaluation (:meth:`WSBCNCheckpointer.from_cfg`)."""
+        return WSBCNCheckpointer.from_cfg(cfg, model, **checkpointables)
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         check_precise_bn(self.cfg)  # before detectron2 adds its PreciseBN hook

@@ -22,6 +22,7 @@ train = model_zoo.get_config("common/train.py").train
 # WS on every conv that carries a norm: build_ws_model builds the meta-architecture, then standardizes
 model.meta_arch = "detectron2.modeling.GeneralizedRCNN"
 model._target_ = build_ws_model
+model.ws_form = "var+eps"  # the official BCN+WS ImageNet models' WS: (W - mean) / sqrt(var + eps)
 model.ws_eps = 1e-5
 
 # micro-batch BCN in every norm slot (NormOptions' defaults: 32 groups, eps 1e-5, update rate 0.1)

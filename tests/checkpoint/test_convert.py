@@ -25,6 +25,7 @@ from detectron2.modeling import build_backbone, build_model
 from torch import nn
 from torch.nn import functional as F
 
+import helpers
 from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import ConversionError, WSBCNCheckpointer, convert_checkpoint, load_source, save_checkpoint
 
@@ -33,14 +34,14 @@ CLI = runpy.run_path(str(ROOT / "tools" / "convert_pretrained.py"))["main"]
 STAGES = ["res2", "res3", "res4", "res5"]
 
 
-class OfficialWSConv2d(nn.Conv2d):
-    """The official WS conv: per output channel (W - mean) / (unbiased std + 1e-5)."""
+class SourceWSConv2d(nn.Conv2d):
+    """A conv of a WS source network: the source's own WS line (``helpers.WS_SOURCE_LINES``), eps 1e-5."""
+
+    form = "std+eps"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self.weight.flatten(1)
-        mean = flat.mean(dim=1).view(-1, 1, 1, 1)
-        std = flat.std(dim=1).view(-1, 1, 1, 1) + 1e-5
-        return F.conv2d(x, (self.weight - mean) / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight = helpers.WS_SOURCE_LINES[self.form](self.weight, 1e-5)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class OfficialBCNorm(nn.Module):
@@ -60,22 +61,28 @@ class OfficialBCNorm(nn.Module):
         return (self.weight * out.view(n, self.num_groups, -1) + self.bias).view_as(x)
 
 
-def _with_ws(model: nn.Module) -> nn.Module:
+def _with_ws(model: nn.Module, form: str) -> nn.Module:
+    """Every conv of a torchvision ResNet (each is followed by a norm) standardized by ``form``."""
     for m in model.modules():
-        if type(m) is nn.Conv2d:  # every conv of a torchvision ResNet is followed by a norm
-            m.__class__ = OfficialWSConv2d
+        if type(m) is nn.Conv2d:
+            m.__class__ = SourceWSConv2d
+            m.form = form
     return model
 
 
 def _randomized(model: nn.Module, seed: int) -> nn.Module:
-    """Random norm affines and statistics, in eval mode.
+    """Random norm affines and statistics, WS filters of trained sizes, in eval mode.
 
     Gains are drawn from [0.2, 0.6), as in trained ResNets: with gains around 1 a
-    random 50-layer net is chaotic enough to amplify rounding errors by res5.
+    random 50-layer net is chaotic enough to amplify rounding errors by res5. WS
+    filters get per-filter stds in [1e-3, 5e-2] (``helpers.trained_ws_filters_``),
+    where the WS forms differ most.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, SourceWSConv2d):
+                helpers.trained_ws_filters_(m.weight, gen)
             if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, OfficialBCNorm)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.4 + 0.2)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
@@ -86,30 +93,44 @@ def _randomized(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-# kind -> (builder of the source model, how the official file stores its state_dict)
+def _gn(c: int) -> nn.Module:
+    return nn.GroupNorm(32, c)
+
+
+def _data_parallel(state: Dict) -> Dict:
+    return {"module." + k: v for k, v in state.items()}
+
+
+def _mmcv_names(state: Dict) -> Dict:
+    """mmcv's ResNet names its GroupNorms gn1 (stem), gn1-gn3 (blocks); mmdetection's files wrap the state."""
+    renamed = {re.sub(r"(^|\.)bn([1-3])\.", r"\1gn\2.", k): v for k, v in state.items()}
+    return {"meta": {"mmcv_version": "0.2.10"}, "state_dict": renamed}
+
+
+def _with_update_rate(state: Dict) -> Dict:
+    """The official EstBN's update-rate buffer beside each pbn (zero, as released)."""
+    rates = {k.replace("running_mean", "estbn_moving_speed"): torch.zeros(1) for k in state if k.endswith("pbn.running_mean")}
+    return {**state, **rates}
+
+
+# kind -> (builder of the source model, how the source's file stores its state_dict)
 SOURCES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[Dict], Dict]]] = {
-    # official WS: DataParallel names, GroupNorm(32)
-    "ws-R50": (
-        lambda: _with_ws(torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c))),
-        lambda sd: {"module." + k: v for k, v in sd.items()},
-    ),
+    # official WS (R-50-GN-WS.pth.tar): DataParallel names, GroupNorm(32), the WS repository's line
+    "ws-R50": (lambda: _with_ws(torchvision.models.resnet50(norm_layer=_gn), "std+eps"), _data_parallel),
     # the same as a training checkpoint, for ResNeXt
     "ws-X50": (
-        lambda: _with_ws(torchvision.models.resnext50_32x4d(norm_layer=lambda c: nn.GroupNorm(32, c))),
-        lambda sd: {"epoch": 100, "arch": "resnext50_32x4d", "state_dict": {"module." + k: v for k, v in sd.items()}},
+        lambda: _with_ws(torchvision.models.resnext50_32x4d(norm_layer=_gn), "std+eps"),
+        lambda sd: {"epoch": 100, "arch": "resnext50_32x4d", "state_dict": _data_parallel(sd)},
     ),
-    # official BCN: torchvision names, group affine + pbn.*, plus EstBN's update-rate buffer
+    # mmdetection's copies (open-mmlab://jhu/resnet50_gn_ws): mmcv's ResNet names, mmcv's ConvWS line
+    "mmdet-R50": (lambda: _with_ws(torchvision.models.resnet50(norm_layer=_gn), "std+eps"), _mmcv_names),
+    # official BCN (rn50_bcn_ws.pth ...): group affine + pbn.*, the BCN repository's WS line
     "bcn-R50": (
-        lambda: _with_ws(torchvision.models.resnet50(norm_layer=OfficialBCNorm)),
-        lambda sd: {
-            **sd,
-            **{
-                k.replace("running_mean", "estbn_moving_speed"): torch.zeros(1)
-                for k in sd
-                if k.endswith("pbn.running_mean")
-            },
-        },
+        lambda: _with_ws(torchvision.models.resnet50(norm_layer=OfficialBCNorm), "var+eps"),
+        lambda sd: _data_parallel(_with_update_rate(sd)),
     ),
+    "bcn-X50": (lambda: _with_ws(torchvision.models.resnext50_32x4d(norm_layer=OfficialBCNorm), "var+eps"), dict),
+    "bcn-R18": (lambda: _with_ws(torchvision.models.resnet18(norm_layer=OfficialBCNorm), "var+eps"), dict),
     "torchvision-R50": (torchvision.models.resnet50, dict),
     "torchvision-R18": (torchvision.models.resnet18, dict),
 }
@@ -134,6 +155,18 @@ def stage_outputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     return outputs
 
 
+def relative_errors(backbone: nn.Module, kind: str, dtype: torch.dtype) -> Dict[str, float]:
+    """Per stage, max |backbone - source| / max |source| on one input, both computed in ``dtype``."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        expected = stage_outputs(copy.deepcopy(source_model(kind)).to(dtype), x.to(dtype))
+        actual = copy.deepcopy(backbone).to(dtype)(x.to(dtype))
+    return {
+        name: ((actual[name].double() - expected[name].double()).abs().max() / expected[name].abs().max()).item()
+        for name in STAGES
+    }
+
+
 class RecordingCheckpointer(DetectionCheckpointer):
     """detectron2's checkpointer (what MODEL.WEIGHTS goes through), keeping the missing/unexpected keys it logs."""
 
@@ -154,36 +187,19 @@ def plugin_cfg(overrides: Dict) -> CfgNode:
     return cfg
 
 
-@pytest.mark.parametrize(
-    "kind, depth, norm, layout",
-    [
-        ("ws-R50", 50, "GN", "ws"),
-        ("ws-X50", 50, "GN", "ws"),
-        ("bcn-R50", 50, "BCN", "bcn"),
-        ("torchvision-R50", 50, "BN", "torchvision"),
-        ("torchvision-R18", 18, None, "torchvision"),  # default norm for BN weights: FrozenBN
-    ],
-)
-def test_converted_backbone_reproduces_source(tmp_path, capsys, kind, depth, norm, layout):
-    dest = tmp_path / "pretrained" / f"{kind}.pkl"
-    argv = [str(official_file(kind, tmp_path)), str(dest), "--depth", str(depth)] + (["--norm", norm] if norm else [])
-    assert CLI(argv) == 0
-    printed = capsys.readouterr().out
-    assert f"layout {layout}" in printed and "ImageNet classifier: fc.weight, fc.bias" in printed
-    assert ("BatchNorm step counter (FrozenBN has none)" in printed) == (norm is None)
-    assert "could not map" not in printed
-    assert "MODEL.PIXEL_MEAN '[123.675,116.28,103.53]'" in printed and "INPUT.FORMAT RGB" in printed
+LAYOUT_CASES = [
+    ("ws-R50", 50, "GN", "ws", "std+eps"),
+    ("ws-X50", 50, "GN", "ws", "std+eps"),
+    ("mmdet-R50", 50, "GN", "ws", "std+eps"),
+    ("bcn-R50", 50, "BCN", "bcn", "var+eps"),
+    ("bcn-X50", 50, "BCN", "bcn", "var+eps"),
+    ("torchvision-R50", 50, "BN", "torchvision", None),
+    ("torchvision-R18", 18, None, "torchvision", None),  # default norm for BN weights: FrozenBN
+]
 
-    with open(dest, "rb") as f:
-        ckpt = pickle.load(f)
-    assert ckpt["matching_heuristics"] and ckpt["input_format"] == "RGB"
-    assert ckpt["pixel_std"] == [58.395, 57.12, 57.375]
-    overrides = ckpt["config_overrides"]
-    assert overrides["MODEL.WS.ENABLED"] == (layout != "torchvision")
-    assert overrides["MODEL.RESNETS.NORM"] == (norm or "FrozenBN")
-    if kind == "ws-X50":
-        assert (overrides["MODEL.RESNETS.NUM_GROUPS"], overrides["MODEL.RESNETS.WIDTH_PER_GROUP"]) == (32, 4)
 
+def converted_backbone(dest: Path, overrides: Dict) -> nn.Module:
+    """The plugin's ResNet built from a converted file's config values, with the file loaded (all keys)."""
     cfg = plugin_cfg(overrides)
     cfg.MODEL.BACKBONE.NAME = "build_ws_resnet_backbone"
     backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
@@ -192,16 +208,51 @@ def test_converted_backbone_reproduces_source(tmp_path, capsys, kind, depth, nor
     assert checkpointer.incompatible.missing_keys == []
     assert checkpointer.incompatible.unexpected_keys == []
     assert checkpointer.incompatible.incorrect_shapes == []
+    return backbone
 
+
+@pytest.mark.parametrize("kind, depth, norm, layout, form", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_converted_backbone_reproduces_source(tmp_path, capsys, kind, depth, norm, layout, form):
+    dest = tmp_path / "pretrained" / f"{kind}.pkl"
+    argv = [str(official_file(kind, tmp_path)), str(dest), "--depth", str(depth)] + (["--norm", norm] if norm else [])
+    assert CLI(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"layout {layout}" in printed and "ImageNet classifier: fc.weight, fc.bias" in printed
+    assert ("BatchNorm step counter (FrozenBN has none)" in printed) == (norm is None)
+    assert "could not map" not in printed
+    assert "MODEL.PIXEL_MEAN '[123.675,116.28,103.53]'" in printed and "INPUT.FORMAT RGB" in printed
+    assert (f"MODEL.WS.FORM {form} MODEL.WS.EPS 1e-05" in printed) == (form is not None)
+
+    with open(dest, "rb") as f:
+        ckpt = pickle.load(f)
+    assert ckpt["matching_heuristics"] and ckpt["input_format"] == "RGB"
+    assert ckpt["pixel_std"] == [58.395, 57.12, 57.375]
+    assert (ckpt["ws_form"], ckpt["ws_eps"]) == ((form, 1e-5) if form else (None, None))
+    overrides = ckpt["config_overrides"]
+    assert overrides["MODEL.WS.ENABLED"] == (form is not None)
+    assert overrides["MODEL.RESNETS.NORM"] == (norm or "FrozenBN")
+    if kind.endswith("X50"):
+        assert (overrides["MODEL.RESNETS.NUM_GROUPS"], overrides["MODEL.RESNETS.WIDTH_PER_GROUP"]) == (32, 4)
+
+    backbone = converted_backbone(dest, overrides)
     # float64 end to end: only rounding may separate the two (measured <= 3e-14 relative); a float32
     # step anywhere (a float32 standardization, statistics or norm) would exceed 1e-12 by orders of magnitude
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():
-        expected = stage_outputs(copy.deepcopy(source_model(kind)).double(), x)
-        actual = backbone.double()(x)
-    for name in STAGES:
-        rel_err = (actual[name] - expected[name]).abs().max() / expected[name].abs().max()
-        assert rel_err < 1e-12, f"{name}: relative error {rel_err:.2e}"
+    for name, err in relative_errors(backbone, kind, torch.float64).items():
+        assert err < 1e-12, f"float64 {name}: relative error {err:.2e}"
+    # float32 on both sides, as a user runs them
+    for name, err in relative_errors(backbone, kind, torch.float32).items():
+        assert err < 1e-4, f"float32 {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind, wrong_form", [("bcn-R50", "std+eps"), ("ws-R50", "var+eps")])
+def test_another_form_computes_another_function(tmp_path, kind, wrong_form):
+    """The control: the same converted weights under another WS form are far from the source network."""
+    result = convert_checkpoint(torch.load(official_file(kind, tmp_path)))
+    path = tmp_path / "converted.pkl"
+    save_checkpoint(result, str(path))
+    overrides = {**result.config_overrides(), "MODEL.WS.FORM": wrong_form}
+    errors = relative_errors(converted_backbone(path, overrides), kind, torch.float64)
+    assert min(errors.values()) > 0.1, errors
 
 
 @pytest.mark.parametrize(
@@ -238,40 +289,48 @@ def test_full_model_loads_every_bcn_tensor_in_place(tmp_path, meta_arch, prefix)
     assert backbone_keys == set(result.model)
 
 
-def _caffe2_name(d2_name: str) -> str:
-    """res2.0.conv1.norm.weight -> res2_0_branch2a_gn_s (Detectron's GN blob names)."""
-    name = d2_name.replace("stem.", "").replace("shortcut", "branch1")
-    name = re.sub(r"(res\d\.\d+\.)conv([1-3])", lambda m: f"{m[1]}branch2{'abc'[int(m[2]) - 1]}", name)
-    name = name.replace(".norm.weight", "_gn_s").replace(".norm.bias", "_gn_b").replace(".weight", "_w")
-    return name.replace(".", "_")
+def _detectron_name(key: str) -> str:
+    """A torchvision ResNet key as the detection fork's Detectron .pkl names it.
+
+    conv1.weight -> conv1_w, bn1.bias -> conv1_gn_b, layer1.0.conv2.weight -> res2_0_branch2b_w,
+    layer1.0.bn3.weight -> res2_0_branch2c_gn_s, layer1.0.downsample.1.weight -> res2_0_branch1_gn_s.
+    """
+    if key.startswith("fc."):
+        return "pred_" + key[3]
+    module, param = key.rsplit(".", 1)
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(?:(conv|bn)([1-3])|downsample\.([01]))", module)
+    if m is None:
+        blob, is_norm = "conv1", module == "bn1"
+    else:
+        branch = "branch1" if m[5] else "branch2" + "abc"[int(m[4]) - 1]
+        blob, is_norm = f"res{int(m[1]) + 1}_{m[2]}_{branch}", m[3] == "bn" or m[5] == "1"
+    return blob + ({"weight": "_gn_s", "bias": "_gn_b"}[param] if is_norm else "_w")
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "blobs"])
-def test_caffe2_named_gn_pkl_loads_directly(tmp_path, wrapped):
-    """detectron2 maps Detectron GN blobs (conv1_gn_s, res2_0_branch2a_gn_b, ...) itself: no conversion needed."""
-    cfg = plugin_cfg({})
-    cfg.merge_from_file(str(ROOT / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_2x_gn_ws.yaml"))
-    model = build_model(cfg)
-    prefix = "backbone.bottom_up."
-    rng = np.random.default_rng(0)
-    blobs = {
-        _caffe2_name(k[len(prefix) :]): rng.standard_normal(tuple(v.shape)).astype(np.float32)
-        for k, v in model.state_dict().items()
-        if k.startswith(prefix)
-    }
+def test_detectron_named_gn_ws_pkl_loads_directly_and_reproduces_source(tmp_path, wrapped):
+    """The detection fork's Caffe2/Detectron-named GN+WS .pkl (conv1_gn_s, res2_0_branch2a_w, ...) loads as
+    MODEL.WEIGHTS of the GN+WS paper config without conversion (detectron2 maps the names) and, under
+    the default WS form (the fork's: std + eps), computes the source network."""
+    blobs = {_detectron_name(k): v.numpy() for k, v in source_model("ws-R50").state_dict().items()}
     assert {"conv1_w", "conv1_gn_s", "res2_0_branch2a_gn_b", "res2_0_branch1_w", "res5_2_branch2c_gn_s"} <= set(blobs)
-    blobs.update(pred_w=np.zeros((1000, 2048), np.float32), pred_b=np.zeros(1000, np.float32))
     path = tmp_path / "R-50-GN-WS.pkl"
     with open(path, "wb") as f:
         pickle.dump({"blobs": blobs} if wrapped else blobs, f, protocol=2)  # as Detectron (Python 2) wrote them
 
+    cfg = plugin_cfg({})
+    cfg.merge_from_file(str(ROOT / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_2x_gn_ws.yaml"))
+    model = build_model(cfg).eval()
     checkpointer = RecordingCheckpointer(model)
     checkpointer.load(str(path))
-    state = model.state_dict()
-    for key in (k for k in state if k.startswith(prefix)):
-        np.testing.assert_array_equal(state[key].numpy(), blobs[_caffe2_name(key[len(prefix) :])], err_msg=key)
+    prefix = "backbone.bottom_up."
     assert [k for k in checkpointer.incompatible.missing_keys if k.startswith(prefix)] == []
     assert sorted(checkpointer.incompatible.unexpected_keys) == ["linear.bias", "linear.weight"]
+    bottom_up = model.backbone.bottom_up
+    bottom_up._out_features = STAGES
+    for dtype, bound in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        for name, err in relative_errors(bottom_up, "ws-R50", dtype).items():
+            assert err < bound, f"{dtype} {name}: relative error {err:.2e}"
 
 
 def _gn_state(depth: int) -> Dict[str, torch.Tensor]:

@@ -35,20 +35,18 @@ def torch_path(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- WS
-def reference_standardize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Official formula in float64: unbiased std over each filter, eps outside the root."""
-    w = weight.double().flatten(1)
-    mean = w.mean(dim=1, keepdim=True)
-    std = w.std(dim=1, keepdim=True)
-    return ((w - mean) / (std + eps)).view_as(weight)
+def reference_standardize(weight: torch.Tensor, eps: float = 1e-5, form: str = "std+eps") -> torch.Tensor:
+    """The source's own WS line of ``form`` in float64."""
+    w = weight.double()
+    return helpers.WS_SOURCE_LINES[form](w.view(*w.shape, *(1,) * (4 - w.dim())), eps).view_as(w)
 
 
 WS_SHAPES = [(16, 8, 3, 3), (12, 4, 1, 1), (5, 3, 7, 7), (8, 2, 3, 3), (3, 700, 1, 1)]  # last: rows > BLOCK
 
 
-def ws_convs(seed: int = 0, dtype=torch.float32):
+def ws_convs(seed: int = 0, dtype=torch.float32, eps: float = 1e-5, form: str = "std+eps"):
     torch.manual_seed(seed)
-    convs = [WSConv2d(i, o, k, bias=False).to(DEVICE, dtype) for o, i, k, _ in WS_SHAPES]
+    convs = [WSConv2d(i, o, k, bias=False, eps=eps, form=form).to(DEVICE, dtype) for o, i, k, _ in WS_SHAPES]
     with torch.no_grad():
         for conv in convs:  # uneven scales and a mean per filter
             offset = torch.randn(conv.weight.shape[0], 1, 1, 1, device=DEVICE)
@@ -64,14 +62,30 @@ def check_group_against_formula(convs) -> None:
     sum((w * g).sum() for w, g in zip(weights, grads)).backward()
     for conv, w, g in zip(convs, weights, grads):
         w64 = conv.weight.detach().double().requires_grad_()
-        ref = reference_standardize(w64)
+        ref = reference_standardize(w64, conv.eps, conv.form)
         (ref * g.double()).sum().backward()
         torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_ws_group_matches_float64_formula(kernels):
-    check_group_against_formula(ws_convs())
+FORM_CASES = [("std+eps", 1e-5), ("var+eps", 1e-5), ("biased_var+eps", 1e-8)]
+
+
+@pytest.mark.parametrize("form, eps", FORM_CASES, ids=[f"{f}-{e:g}" for f, e in FORM_CASES])
+@pytest.mark.parametrize("filters", ["uneven", "trained"])
+def test_ws_group_matches_float64_formula(kernels, form, eps, filters):
+    convs = ws_convs(eps=eps, form=form)
+    if filters == "trained":  # per-filter stds in [1e-3, 5e-2], where the forms differ most
+        generator = torch.Generator().manual_seed(2)
+        for conv in convs:
+            conv.weight.data = helpers.trained_ws_filters_(conv.weight.detach().cpu(), generator).to(DEVICE)
+    check_group_against_formula(convs)
+
+
+def test_ws_group_needs_one_form():
+    convs = [WSConv2d(3, 4, 1, form="std+eps"), WSConv2d(3, 4, 1, form="var+eps")]
+    with pytest.raises(ValueError, match="one WS form and eps for all its convs"):
+        WSConvGroup(convs)
 
 
 def test_ws_group_runs_one_kernel_per_pass(kernels, monkeypatch):

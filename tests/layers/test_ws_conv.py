@@ -167,11 +167,61 @@ def test_scripting_or_tracing_points_to_folding():
         torch.jit.trace(conv, torch.randn(1, 4, 6, 6))
 
 
+FORM_CASES = [("std+eps", 1e-5), ("var+eps", 1e-5), ("biased_var+eps", 1e-8), ("biased_var+eps", 1e-6)]
+
+
+@pytest.mark.parametrize("form, eps", FORM_CASES, ids=[f"{f}-{e:g}" for f, e in FORM_CASES])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (12, 64, 1, 1), (6, 3, 7, 7)], ids=str)
+def test_each_form_matches_its_source_in_float64(form, eps, shape):
+    """Values and gradients of every WS form against the source's own line, on trained-size filters."""
+    weight = helpers.trained_ws_filters_(torch.empty(shape, dtype=torch.float64), torch.Generator().manual_seed(0))
+    grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = weight.clone().requires_grad_()
+    w_hat = standardize_weight(w, eps, form)
+    (w_hat * grad).sum().backward()
+    ref_w = weight.clone().requires_grad_()
+    ref = helpers.WS_SOURCE_LINES[form](ref_w, eps)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(w_hat, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-9, atol=1e-9 * ref_w.grad.abs().max().item())
+
+
+def test_forms_differ_where_trained_filters_are():
+    """At std 1e-3 the forms are far apart (so loading under the wrong one is a large error)."""
+    weight = torch.randn(4, 64, 3, 3, dtype=torch.float64) * 1e-3
+    per_form = {form: standardize_weight(weight, 1e-5, form) for form in ("std+eps", "var+eps")}
+    ratio = per_form["std+eps"].flatten(1).std(dim=1) / per_form["var+eps"].flatten(1).std(dim=1)
+    std = weight.flatten(1).std(dim=1)
+    torch.testing.assert_close(ratio, (std**2 + 1e-5).sqrt() / (std + 1e-5), rtol=1e-9, atol=0)
+    assert ratio.min() > 3.0  # about 3.3 at std 1e-3
+
+
+@pytest.mark.parametrize("form", ["std+eps", "var+eps", "biased_var+eps"])
+def test_conv_and_its_eval_cache_use_the_form(form):
+    weight = helpers.trained_ws_filters_(torch.empty(6, 4, 3, 3), torch.Generator().manual_seed(0))
+    conv = WSConv2d(4, 6, 3, bias=False, eps=1e-5, form=form)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    x = torch.randn(2, 4, 7, 7)
+    expected = F.conv2d(x.double(), helpers.WS_SOURCE_LINES[form](weight.double(), 1e-5))
+    torch.testing.assert_close(conv(x).double(), expected, rtol=1e-4, atol=1e-5)  # training: no cache
+    with torch.no_grad():
+        conv.eval()(x)
+        torch.testing.assert_close(conv(x).double(), expected, rtol=1e-4, atol=1e-5)  # the cached weight
+    assert f"form='{form}'" in repr(conv)
+
+
+def test_unknown_form_is_refused():
+    with pytest.raises(ValueError, match=r"unknown WS form 'std'; valid forms: 'std\+eps', 'var\+eps'"):
+        WSConv2d(4, 6, 3, form="std")
+
+
 def test_convert_in_place_keeps_parameters_and_references():
     conv = Conv2d(4, 6, 3, bias=False, norm=nn.GroupNorm(2, 6))
     holder = [conv]
     weight = conv.weight
-    WSConv2d.convert_(conv, eps=1e-3)
-    assert isinstance(holder[0], WSConv2d) and holder[0].weight is weight and conv.eps == 1e-3
+    WSConv2d.convert_(conv, eps=1e-3, form="var+eps")
+    assert isinstance(holder[0], WSConv2d) and holder[0].weight is weight
+    assert (conv.eps, conv.form) == (1e-3, "var+eps")
     with pytest.raises(ValueError, match="eps"):
         WSConv2d(4, 6, 3, eps=0.0)

@@ -1,5 +1,6 @@
 """The checkpointer of the plugin's tools: atomic saves and loads that fail loudly and clearly."""
 
+import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -8,6 +9,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import Backbone, build_model
 from torch import nn
 
+from ..layers import WSConv2d
 from .convert import _KEY_RE, ConversionError, _state_dict
 from .io import AtomicWritePathManager, CheckpointError, read_failure
 
@@ -15,6 +17,7 @@ __all__ = ["WSBCNCheckpointer", "check_weights"]
 
 _SHOWN = 3  # tensor names quoted per kind of problem
 _COUNTER = "num_batches_tracked"  # a BatchNorm step counter, not a weight
+logger = logging.getLogger(__name__)
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -40,13 +43,39 @@ class WSBCNCheckpointer(DetectionCheckpointer):
       (``MODEL.WEIGHTS_ALLOW_PARTIAL``); detectron2 only logs them and trains anyway.
     - An unconverted torchvision-layout ResNet file (an official WS/BCN ``.pth``) raises a
       :class:`ConversionError` pointing to ``tools/convert_pretrained.py``.
+    - A converted checkpoint records the WS form and eps its backbone was trained with
+      (``ws_form``, ``ws_eps``); loading it into a model whose backbone standardizes
+      otherwise, or not at all, raises a one-line :class:`CheckpointError` naming both
+      and the keys to set, unless ``allow_ws_mismatch`` (``MODEL.WEIGHTS_ALLOW_WS_MISMATCH``).
+      Checkpoints without the record (detectron2's, the trainer's own) load as before.
     """
 
-    def __init__(self, model: nn.Module, save_dir: str = "", *, allow_partial_backbone: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        allow_partial_backbone: bool = False,
+        allow_ws_mismatch: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.allow_partial_backbone = allow_partial_backbone
+        self.allow_ws_mismatch = allow_ws_mismatch
         self.path_manager = AtomicWritePathManager(self.path_manager)
         self._loading: Optional[str] = None
+
+    @classmethod
+    def from_cfg(cls, cfg: CfgNode, model: nn.Module, **kwargs: Any) -> "WSBCNCheckpointer":
+        """A checkpointer saving to ``OUTPUT_DIR`` with ``MODEL.WEIGHTS_ALLOW_PARTIAL`` and
+        ``MODEL.WEIGHTS_ALLOW_WS_MISMATCH`` applied; ``kwargs`` as detectron2's (checkpointables ...)."""
+        return cls(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL,
+            allow_ws_mismatch=cfg.MODEL.WEIGHTS_ALLOW_WS_MISMATCH,
+            **kwargs,
+        )
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """detectron2's ``resume_or_load``; errors say which of MODEL.WEIGHTS or ``last_checkpoint`` named the file."""
@@ -97,10 +126,38 @@ class WSBCNCheckpointer(DetectionCheckpointer):
                     "cannot load: convert it first with  python tools/convert_pretrained.py SOURCE DEST.pkl  "
                     "and use DEST.pkl as MODEL.WEIGHTS"
                 )
+        if "ws_form" in checkpoint:
+            self._check_ws_form(checkpoint["ws_form"], checkpoint.get("ws_eps"))
         incompatible = super()._load_model(checkpoint)
         if not self.allow_partial_backbone:
             self._check_backbone_loaded(incompatible)
         return incompatible
+
+    def _check_ws_form(self, form: Optional[str], eps: Optional[float]) -> None:
+        """Raise unless the backbone's WS convs standardize with the checkpoint's ``form`` and ``eps``."""
+        prefix = _pretrained_prefix(self.model)
+        model_forms = {
+            (m.form, m.eps) for name, m in self.model.named_modules() if f"{name}.".startswith(prefix) and isinstance(m, WSConv2d)
+        }
+        if form is None:
+            if model_forms:
+                logger.warning(
+                    f"{self._loading} holds weights trained without WS, loaded into a backbone with WS: WS is known "
+                    "to help detection only from WS-pretrained weights (convert WS ImageNet weights instead)"
+                )
+            return
+        if model_forms == {(form, eps)} or self.allow_ws_mismatch:
+            return
+        fix = f"set MODEL.WS.FORM {form} MODEL.WS.EPS {eps:g}"
+        if not model_forms:
+            found, fix = "no WS", f"set MODEL.WS.ENABLED True MODEL.WS.FORM {form} MODEL.WS.EPS {eps:g}"
+        else:
+            found = " and ".join(f"form {f!r} eps {e:g}" for f, e in sorted(model_forms))
+        raise CheckpointError(
+            f"{self._loading} was trained with WS form {form!r} eps {eps:g}, but the model's backbone has {found}, "
+            f"under which it computes another function: {fix} (or MODEL.WEIGHTS_ALLOW_WS_MISMATCH True to load "
+            "it anyway)"
+        )
 
     def _check_backbone_loaded(self, incompatible) -> None:
         """Raise unless every backbone (bottom-up) tensor was loaded with its shape."""
@@ -145,7 +202,5 @@ def check_weights(cfg: CfgNode, resume: bool = False) -> None:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
-    checkpointer = WSBCNCheckpointer(
-        build_model(cfg), cfg.OUTPUT_DIR, allow_partial_backbone=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL, save_to_disk=False
-    )
+    checkpointer = WSBCNCheckpointer.from_cfg(cfg, build_model(cfg), save_to_disk=False)
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)

@@ -4,15 +4,20 @@ Every supported source uses torchvision's ResNet / ResNeXt names (``conv1``,
 ``bn1``, ``layer{1-4}.{i}.conv{k}`` / ``bn{k}``, ``layer{1-4}.0.downsample.{0,1}``,
 ``fc``), optionally under a DataParallel ``module.`` prefix and/or inside a
 training checkpoint's ``state_dict`` entry. The layouts differ in their norms
-and in whether the weights were trained with WS:
+and in the WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FORMS`):
 
-- ``ws``: the official WS checkpoints (``R-50-GN-WS.pth.tar`` ...): GroupNorm, WS.
+- ``ws``: the official WS checkpoints (``R-50-GN-WS.pth.tar`` ...) and mmdetection's
+  copies of them (``open-mmlab://jhu/resnet50_gn_ws`` ...): GroupNorm, WS form
+  ``"std+eps"``, eps 1e-5.
 - ``bcn``: the official BCN checkpoints (``rn50_bcn_ws.pth`` ...): each norm holds
-  a per-group affine of shape (1, G, 1) and an inner BatchNorm2d under ``pbn.``; WS.
+  a per-group affine of shape (1, G, 1) and an inner BatchNorm2d under ``pbn.``;
+  WS form ``"var+eps"``, eps 1e-5 (``imagenet/models/layers.py`` of the BCN code).
 - ``torchvision``: any other torchvision-layout ResNet (BatchNorm or GroupNorm), no WS.
 
-Norms may also be named ``gn{k}`` (mmdetection's name for a GroupNorm), which is
-treated like ``bn{k}``. Names map onto detectron2's ResNet (``stem.conv1``,
+Norms may also be named ``gn{k}`` (mmcv's ResNet, which mmdetection's copies
+use), which is treated like ``bn{k}``. The converted checkpoint records the WS
+form and eps (``ws_form``, ``ws_eps``; None without WS): the plugin's
+checkpointer refuses to load it into a backbone that standardizes otherwise. Names map onto detectron2's ResNet (``stem.conv1``,
 ``res{N+1}.{i}.conv{k}[.norm]``, ``shortcut[.norm]``; a BCN's ``pbn.*`` becomes
 ``norm.batch_norm.*``). The result is checked against the plugin's own backbone
 built with the detected depth, width and norm, so a converted file always
@@ -63,16 +68,18 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 class Layout(NamedTuple):
     """What a source layout implies."""
 
-    ws: bool
-    """Whether the weights were trained with Weight Standardization."""
     norms: Tuple[str, ...]
     """The norm families ("GN", "BN", "BCN") the layout may hold."""
+    ws_form: Optional[str]
+    """The WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FORMS`); None: no WS."""
+    ws_eps: Optional[float] = None
+    """That form's eps."""
 
 
 LAYOUTS: Dict[str, Layout] = {
-    "ws": Layout(ws=True, norms=("GN", "BN")),
-    "bcn": Layout(ws=True, norms=("BCN",)),
-    "torchvision": Layout(ws=False, norms=("GN", "BN")),
+    "ws": Layout(norms=("GN", "BN"), ws_form="std+eps", ws_eps=1e-5),
+    "bcn": Layout(norms=("BCN",), ws_form="var+eps", ws_eps=1e-5),
+    "torchvision": Layout(norms=("GN", "BN"), ws_form=None),
 }
 _AUTO_LAYOUT = {"GN": "ws", "BCN": "bcn", "BN": "torchvision"}
 """The layout auto-detection picks for each norm family."""
@@ -148,7 +155,16 @@ class ConversionResult:
     @property
     def ws(self) -> bool:
         """Whether the weights were trained with Weight Standardization."""
-        return LAYOUTS[self.layout].ws
+        return self.ws_form is not None
+
+    @property
+    def ws_form(self) -> Optional[str]:
+        """The WS form the weights were trained with; None without WS."""
+        return LAYOUTS[self.layout].ws_form
+
+    @property
+    def ws_eps(self) -> Optional[float]:
+        return LAYOUTS[self.layout].ws_eps
 
     @property
     def arch(self) -> str:
@@ -167,6 +183,8 @@ class ConversionResult:
             "MODEL.RESNETS.RES2_OUT_CHANNELS": 64 if self.depth < 50 else 256,
             "MODEL.WS.ENABLED": self.ws,
         }
+        if self.ws:
+            overrides.update({"MODEL.WS.FORM": self.ws_form, "MODEL.WS.EPS": self.ws_eps})
         if self.bcn_num_groups is not None:
             overrides["MODEL.BCN.NUM_GROUPS"] = self.bcn_num_groups
         overrides.update(
@@ -184,6 +202,8 @@ class ConversionResult:
             "pixel_mean": list(PIXEL_MEAN),
             "pixel_std": list(PIXEL_STD),
             "config_overrides": self.config_overrides(),
+            "ws_form": self.ws_form,
+            "ws_eps": self.ws_eps,
         }
 
     def summary(self) -> str:
@@ -191,7 +211,7 @@ class ConversionResult:
         lines = [
             f"layout {self.layout}: {self.arch}, {self.norm_family} norms"
             + (f" ({self.bcn_num_groups} groups)" if self.bcn_num_groups else "")
-            + (", trained with WS" if self.ws else ", no WS"),
+            + (f", trained with WS form {self.ws_form!r}, eps {self.ws_eps:g}" if self.ws else ", no WS"),
             f"converted {len(self.model)} tensors",
         ]
         for reason, count in Counter(self.unused.values()).items():

@@ -57,8 +57,12 @@ if triton is not None:
 
     # ---------------------------------------------------------------- WS
     @triton.jit
-    def _ws_forward_kernel(w_ptr, out_ptr, std_ptr, row_start_ptr, row_len_ptr, eps, BLOCK: tl.constexpr):
-        # one program per row (output channel): W_hat = (W - mean) / (std + eps), unbiased std
+    def _ws_forward_kernel(
+        w_ptr, out_ptr, root_ptr, row_start_ptr, row_len_ptr, eps,
+        UNBIASED: tl.constexpr, EPS_IN_ROOT: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # one program per row (output channel): W_hat = (W - mean) / s, with the root
+        # r = sqrt(sum((W - mean)^2) / d + eps_in) and s = r + eps_out (the WS form: ws_conv.WS_FORMS)
         row = tl.program_id(0)
         start = tl.load(row_start_ptr + row)
         n = tl.load(row_len_ptr + row)
@@ -72,19 +76,25 @@ if triton is not None:
             m = i + offs < n
             d = tl.where(m, tl.load(w_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
             acc += d * d
-        std = tl.maximum(tl.sqrt(tl.sum(acc, axis=0) / (n - 1)), 1.1754943508222875e-38)
-        inv_s = 1.0 / (std + eps)
+        var = tl.sum(acc, axis=0) / (n - 1 if UNBIASED else n)
+        if EPS_IN_ROOT:
+            root = tl.sqrt(var + eps)
+            inv_s = 1.0 / root
+        else:
+            root = tl.maximum(tl.sqrt(var), 1.1754943508222875e-38)
+            inv_s = 1.0 / (root + eps)
         for i in range(0, n, BLOCK):
             m = i + offs < n
             w = tl.load(w_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(out_ptr + start + i + offs, (w - mean) * inv_s, mask=m)
-        tl.store(std_ptr + row, std)
+        tl.store(root_ptr + row, root)
 
     @triton.jit
     def _ws_backward_kernel(
-        g_ptr, w_hat_ptr, std_ptr, grad_ptr, row_start_ptr, row_len_ptr, eps, BLOCK: tl.constexpr
-    ):
-        # dW = (g - mean(g)) / s - W_hat * sum(g * W_hat) / ((n - 1) * std), s = std + eps
+        g_ptr, w_hat_ptr, root_ptr, grad_ptr, row_start_ptr, row_len_ptr, eps,
+        UNBIASED: tl.constexpr, EPS_IN_ROOT: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # dW = (g - mean(g)) / s - W_hat * sum(g * W_hat) / (d * r), r and s as in the forward
         row = tl.program_id(0)
         start = tl.load(row_start_ptr + row)
         n = tl.load(row_len_ptr + row)
@@ -96,10 +106,10 @@ if triton is not None:
             g = tl.load(g_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
             sum_g += g
             sum_gw += g * tl.load(w_hat_ptr + start + i + offs, mask=m, other=0.0)
-        std = tl.load(std_ptr + row)
+        root = tl.load(root_ptr + row)
         g_mean = tl.sum(sum_g, axis=0) / n
-        inv_s = 1.0 / (std + eps)
-        c = tl.sum(sum_gw, axis=0) / ((n - 1) * std)
+        inv_s = 1.0 / root if EPS_IN_ROOT else 1.0 / (root + eps)
+        c = tl.sum(sum_gw, axis=0) / ((n - 1 if UNBIASED else n) * root)
         for i in range(0, n, BLOCK):
             m = i + offs < n
             g = tl.load(g_ptr + start + i + offs, mask=m, other=0.0).to(tl.float32)
@@ -460,33 +470,36 @@ if triton is not None:
 
 # ---------------------------------------------------------------- launchers
 def ws_rows_forward(
-    flat: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Standardize the rows of a flat buffer: ``(w_hat float32, std per row)``.
+    flat: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor, eps: float, unbiased: bool = True,
+    eps_in_root: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Standardize the rows of a flat buffer: ``(w_hat float32, root per row)``.
 
-    Row ``r`` is ``flat[row_start[r] : row_start[r] + row_len[r]]`` (int64 / int32).
+    Row ``r`` is ``flat[row_start[r] : row_start[r] + row_len[r]]`` (int64 / int32);
+    ``unbiased`` and ``eps_in_root`` give the WS form (``ws_conv.WSForm``); the
+    root is ``sqrt(var + eps)`` with eps in the root, else the std.
     """
     w_hat = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    std = torch.empty(row_start.shape, dtype=torch.float32, device=flat.device)
+    root = torch.empty(row_start.shape, dtype=torch.float32, device=flat.device)
     if row_start.numel():
         _launch(
-            _ws_forward_kernel, (row_start.numel(),), (flat, w_hat, std, row_start, row_len, float(eps)),
-            dict(BLOCK=512), _launch_key(flat, row_start, row_len),
+            _ws_forward_kernel, (row_start.numel(),), (flat, w_hat, root, row_start, row_len, float(eps)),
+            dict(UNBIASED=unbiased, EPS_IN_ROOT=eps_in_root, BLOCK=512), _launch_key(flat, row_start, row_len),
         )  # fmt: skip
-    return w_hat, std
+    return w_hat, root
 
 
 def ws_rows_backward(
-    grad: torch.Tensor, w_hat: torch.Tensor, std: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor,
-    eps: float,
+    grad: torch.Tensor, w_hat: torch.Tensor, root: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor,
+    eps: float, unbiased: bool = True, eps_in_root: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Gradient of :func:`ws_rows_forward` with respect to ``flat``, in float32."""
+    """Gradient of :func:`ws_rows_forward` (same form) with respect to ``flat``, in float32."""
     out = torch.empty_like(w_hat)
     if row_start.numel():
         grad = grad.contiguous()
         _launch(
-            _ws_backward_kernel, (row_start.numel(),), (grad, w_hat, std, out, row_start, row_len, float(eps)),
-            dict(BLOCK=512), _launch_key(grad, w_hat, row_start, row_len),
+            _ws_backward_kernel, (row_start.numel(),), (grad, w_hat, root, out, row_start, row_len, float(eps)),
+            dict(UNBIASED=unbiased, EPS_IN_ROOT=eps_in_root, BLOCK=512), _launch_key(grad, w_hat, row_start, row_len),
         )  # fmt: skip
     return out
 

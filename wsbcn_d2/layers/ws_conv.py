@@ -3,16 +3,24 @@
 Every output channel ``o`` of a conv weight ``W`` of shape (O, I/groups, kh, kw)
 is standardized over its fan-in before the convolution::
 
-    W_hat[o] = (W[o] - mean(W[o])) / (std(W[o]) + eps)
+    W_hat[o] = (W[o] - mean(W[o])) / s[o]
 
-with the *unbiased* std and ``eps`` added outside the square root, exactly as
-the paper's official code (and mmcv's ``ConvWS2d``) computes it. timm's
-``StdConv2d`` uses the biased variance with eps inside the root instead; the
-two differ by a factor sqrt(n / (n - 1)) that the following norm absorbs.
+The sources of WS-pretrained weights disagree on the divisor ``s``, and a
+backbone computes its trained function only under its own (trained filters
+have small stds, where the forms differ most: at std 1e-3, ``sqrt(var + 1e-5)``
+is 3.3x ``std + 1e-5``). The form is therefore part of a layer (:data:`WS_FORMS`):
+
+- ``"std+eps"``: ``s = std + eps``, unbiased std, eps outside the root. The WS
+  repository (``R-50-GN-WS.pth.tar`` ...), its maskrcnn-benchmark fork and
+  mmcv's ``ConvWS2d``: the default.
+- ``"var+eps"``: ``s = sqrt(var + eps)``, unbiased variance. The BCN
+  repository's ImageNet models (``rn50_bcn_ws.pth`` ...).
+- ``"biased_var+eps"``: ``s = sqrt(var_biased + eps)``. timm's ``StdConv2d``
+  (BiT / ResNetV2 weights; eps 1e-8 there).
 """
 import math
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import Conv2d
@@ -22,55 +30,101 @@ from torch.nn import functional as F
 
 from . import triton_kernels
 
-__all__ = ["WSConv2d", "WSConvGroup", "conv_compute_dtype", "export_error", "norm_fuses_relu", "standardize_weight"]
+__all__ = [
+    "WS_FORMS",
+    "WSConv2d",
+    "WSConvGroup",
+    "WSForm",
+    "check_ws_form",
+    "conv_compute_dtype",
+    "export_error",
+    "norm_fuses_relu",
+    "standardize_weight",
+]
+
+
+class WSForm(NamedTuple):
+    """The divisor of a WS form: ``s = sqrt(sum((W - mean)^2) / d + eps_in) + eps_out``."""
+
+    unbiased: bool
+    """``d = n - 1`` (unbiased) or ``n`` (biased) over a filter's ``n`` weights."""
+    eps_in_root: bool
+    """eps inside the square root (``eps_in``) or added to it (``eps_out``)."""
+    source: str
+    """Whose weights were trained with this form."""
+
+
+WS_FORMS: Dict[str, WSForm] = {
+    "std+eps": WSForm(True, False, "the WS repository, its detection fork, mmcv's ConvWS (mmdetection)"),
+    "var+eps": WSForm(True, True, "the BCN repository's ImageNet models (rn50_bcn_ws.pth ...)"),
+    "biased_var+eps": WSForm(False, True, "timm's StdConv2d (BiT / ResNetV2)"),
+}
+"""WS form name -> what it computes and whose weights use it (see the module docstring)."""
+
+
+def check_ws_form(form: str, eps: float) -> None:
+    """Raise a ``ValueError`` unless ``form`` is in :data:`WS_FORMS` and ``eps`` is finite and > 0."""
+    if form not in WS_FORMS:
+        raise ValueError(f"unknown WS form {form!r}; valid forms: {', '.join(repr(f) for f in WS_FORMS)}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"WS eps must be a finite number > 0, got {eps!r}")
 
 
 class _Standardize(torch.autograd.Function):
-    """WS on a (O, n) weight with a hand-written backward.
+    """WS on a (O, n) weight with a hand-written backward, for every form of :data:`WS_FORMS`.
 
-    With ``s = std + eps`` and ``W_hat`` the output, the gradient of the official
-    formula is, per output channel::
+    With ``r = sqrt(sum((W - mean)^2) / d + eps_in)`` (the root), ``s = r + eps_out``
+    (exactly one of the two eps is non-zero) and ``W_hat`` the output, the
+    gradient is, per output channel::
 
-        dW = (g - mean(g)) / s - W_hat * sum(g * W_hat) / ((n - 1) * std)
+        dW = (g - mean(g)) / s - W_hat * sum(g * W_hat) / (d * r)
 
     which needs W_hat (already kept alive by the conv) and two reductions of g,
     instead of the several saved tensors and passes autograd would use.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, eps: float, form: str) -> torch.Tensor:
+        unbiased, eps_in_root, _ = WS_FORMS[form]
+        d = w.shape[1] - 1 if unbiased else w.shape[1]
         # two-pass mean / norm: exact, and far faster on CPU than torch.var_mean's Welford loop
         w_hat = w - w.mean(dim=1, keepdim=True)
-        std = torch.linalg.vector_norm(w_hat, dim=1, keepdim=True) / math.sqrt(w.shape[1] - 1)
-        # clamping only touches exactly-constant filters (0/0 in the backward otherwise)
-        std = std.clamp_min(torch.finfo(std.dtype).tiny)
-        inv_s = (std + eps).reciprocal()
+        root = torch.linalg.vector_norm(w_hat, dim=1, keepdim=True) / math.sqrt(d)
+        if eps_in_root:
+            root = root.square_().add_(eps).sqrt_()
+            inv_s = root.reciprocal()
+        else:
+            # clamping only touches exactly-constant filters (0/0 in the backward otherwise)
+            root = root.clamp_min(torch.finfo(root.dtype).tiny)
+            inv_s = (root + eps).reciprocal()
         w_hat.mul_(inv_s)
-        ctx.save_for_backward(w_hat, std, inv_s)
+        ctx.save_for_backward(w_hat, root, inv_s)
+        ctx.d = d
         return w_hat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor):
-        w_hat, std, inv_s = ctx.saved_tensors
-        n = w_hat.shape[1]
+        w_hat, root, inv_s = ctx.saved_tensors
         g_mean = g.mean(dim=1, keepdim=True)
         g_dot = torch.linalg.vecdot(g, w_hat, dim=1).unsqueeze(1)
         grad = torch.addcmul(-g_mean * inv_s, g, inv_s)
-        grad.addcmul_(w_hat, -g_dot / ((n - 1) * std))
-        return grad, None
+        grad.addcmul_(w_hat, -g_dot / (ctx.d * root))
+        return grad, None, None
 
 
-def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Return ``(W - mean) / (std + eps)`` per output channel, computed in float32 or wider.
+def standardize_weight(weight: torch.Tensor, eps: float = 1e-5, form: str = "std+eps") -> torch.Tensor:
+    """Return ``(W - mean) / s`` per output channel (``s`` by ``form``, :data:`WS_FORMS`), computed
+    in float32 or wider.
 
     Differentiable: gradients reach the raw weight through the standardization.
-    A constant filter has std 0 up to rounding: its output is float32 rounding
-    noise of the mean times ``1 / (std + eps)`` (about ``1e-7 * |W| / eps``), and
-    its gradient is about ``(g - mean(g)) / eps``: large, but finite, not NaN.
+    Under ``"std+eps"`` a constant filter has std 0 up to rounding: its output is
+    float32 rounding noise of the mean times ``1 / (std + eps)`` (about
+    ``1e-7 * |W| / eps``), and its gradient is about ``(g - mean(g)) / eps``:
+    large, but finite, not NaN (the in-root forms divide by at least ``sqrt(eps)``).
     """
     w = weight.to(torch.promote_types(weight.dtype, torch.float32)).flatten(1)
-    return _Standardize.apply(w, eps).view_as(weight).to(weight.dtype)
+    return _Standardize.apply(w, eps, form).view_as(weight).to(weight.dtype)
 
 
 def conv_compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -93,12 +147,14 @@ class _StandardizeGroup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, row_start, row_len, eps: float, out_dtype, group_ref, token, *weights: torch.Tensor):
+    def forward(ctx, row_start, row_len, eps: float, form: str, out_dtype, group_ref, token, *weights: torch.Tensor):
         # flatten / unflatten: torch's C++ loops (as DDP's buckets use), not one Python call per weight
         flat = _flatten_dense_tensors(weights)
-        w_hat, std = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps)
-        ctx.save_for_backward(w_hat, std, row_start, row_len)
-        ctx.eps, ctx.group_ref, ctx.token, ctx.weight_dtype = eps, group_ref, token, weights[0].dtype
+        unbiased, eps_in_root, _ = WS_FORMS[form]
+        w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps, unbiased, eps_in_root)
+        ctx.save_for_backward(w_hat, root, row_start, row_len)
+        ctx.form_args = (eps, unbiased, eps_in_root)
+        ctx.group_ref, ctx.token, ctx.weight_dtype = group_ref, token, weights[0].dtype
         return tuple(_unflatten_dense_tensors(w_hat.to(out_dtype), weights))
 
     @staticmethod
@@ -107,9 +163,11 @@ class _StandardizeGroup(torch.autograd.Function):
         group = ctx.group_ref()
         if group is not None:
             group.release(ctx.token)
-        w_hat, std, row_start, row_len = ctx.saved_tensors
-        grad = triton_kernels.ws_rows_backward(_flatten_dense_tensors(grads), w_hat, std, row_start, row_len, ctx.eps)
-        return (None,) * 6 + tuple(_unflatten_dense_tensors(grad.to(ctx.weight_dtype), grads))
+        w_hat, root, row_start, row_len = ctx.saved_tensors
+        grad = triton_kernels.ws_rows_backward(
+            _flatten_dense_tensors(grads), w_hat, root, row_start, row_len, *ctx.form_args
+        )
+        return (None,) * 7 + tuple(_unflatten_dense_tensors(grad.to(ctx.weight_dtype), grads))
 
 
 class WSConvGroup:
@@ -131,11 +189,11 @@ class WSConvGroup:
     """
 
     def __init__(self, convs: Sequence["WSConv2d"]):
-        eps = {conv.eps for conv in convs}
-        if len(eps) > 1:
-            raise ValueError(f"a WSConvGroup needs one eps for all its convs, got {sorted(eps)}")
+        forms = {(conv.form, conv.eps) for conv in convs}
+        if len(forms) > 1:
+            raise ValueError(f"a WSConvGroup needs one WS form and eps for all its convs, got {sorted(forms)}")
         self.convs = list(convs)
-        self.eps = eps.pop() if eps else 1e-5
+        self.form, self.eps = forms.pop() if forms else ("std+eps", 1e-5)
         self._views: Dict["WSConv2d", Tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._token: Optional[object] = None
         self._rows: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -174,7 +232,7 @@ class WSConvGroup:
             row_start, row_len = self._row_table(weights)
             out_dtype = conv_compute_dtype(weights[0])
             outputs = _StandardizeGroup.apply(
-                row_start, row_len, self.eps, out_dtype, weakref.ref(self), self._token, *weights
+                row_start, row_len, self.eps, self.form, out_dtype, weakref.ref(self), self._token, *weights
             )
             for conv, w, out in zip(convs, weights, outputs):
                 self._views[conv] = (out, w, w._version)
@@ -233,26 +291,27 @@ class WSConv2d(Conv2d):
     Export goes through :func:`wsbcn_d2.fold_for_inference`.
     """
 
-    def __init__(self, *args, eps: float = 1e-5, **kwargs):
+    def __init__(self, *args, eps: float = 1e-5, form: str = "std+eps", **kwargs):
         """
         Args:
             args, kwargs: as :class:`detectron2.layers.Conv2d` (including ``norm``
                 and ``activation``).
-            eps: added to the std of each output channel's weight.
+            eps: the eps of the WS form.
+            form: a name of :data:`WS_FORMS`: where ``eps`` goes and which variance;
+                pretrained weights need the form they were trained with.
         """
         super().__init__(*args, **kwargs)
-        self._init_standardization(eps)
+        self._init_standardization(eps, form)
 
-    def _init_standardization(self, eps: float) -> None:
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"WSConv2d eps must be a finite number > 0, got {eps}")
-        self.eps = eps
+    def _init_standardization(self, eps: float, form: str) -> None:
+        check_ws_form(form, eps)
+        self.eps, self.form = eps, form
         self.ws_group: Optional[WSConvGroup] = None
         self._cached_weight: Optional[torch.Tensor] = None
-        self._cache_key: Optional[Tuple] = None  # (raw weight, its version, storage, dtype, eps)
+        self._cache_key: Optional[Tuple] = None  # (raw weight, its version, storage, dtype, eps, form)
 
     @classmethod
-    def convert_(cls, conv: Conv2d, eps: float = 1e-5) -> "WSConv2d":
+    def convert_(cls, conv: Conv2d, eps: float = 1e-5, form: str = "std+eps") -> "WSConv2d":
         """Turn a ``detectron2.layers.Conv2d`` into a WSConv2d, in place.
 
         Like ``torch.nn.utils.parametrize``, this switches the module's class, so
@@ -262,21 +321,21 @@ class WSConv2d(Conv2d):
         if type(conv) is not Conv2d:
             raise TypeError(f"expected a detectron2.layers.Conv2d, got {type(conv).__name__}")
         conv.__class__ = cls
-        conv._init_standardization(eps)
+        conv._init_standardization(eps, form)
         return conv
 
     def standardized_weight(self) -> torch.Tensor:
-        """The weight the convolution uses: ``standardize_weight(self.weight, self.eps)``."""
+        """The weight the convolution uses: ``standardize_weight(self.weight, self.eps, self.form)``."""
         w = self.weight
         if w.requires_grad and torch.is_grad_enabled():
             if self.ws_group is not None and triton_kernels.use_triton(w):
                 return self.ws_group.standardized_weight(self)
-            return standardize_weight(w, self.eps)
-        key = (w._version, w.data_ptr(), w.dtype, self.eps)
+            return standardize_weight(w, self.eps, self.form)
+        key = (w._version, w.data_ptr(), w.dtype, self.eps, self.form)
         if self._cache_key is None or self._cache_key[0] is not w or self._cache_key[1:] != key:
             # built outside inference mode, so the cache can serve later grad-mode calls too
             with torch.inference_mode(False), torch.no_grad():
-                self._cached_weight = standardize_weight(w, self.eps)
+                self._cached_weight = standardize_weight(w, self.eps, self.form)
             self._cache_key = (w, *key)
         return self._cached_weight
 
@@ -302,4 +361,4 @@ class WSConv2d(Conv2d):
         raise export_error(type(self).__name__)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"
+        return f"{super().extra_repr()}, eps={self.eps}, form={self.form!r}"

@@ -18,7 +18,7 @@ from .wsbcn import (
     standardize_from_cfg,
     standardize_normed_convs,
     with_resolved_norms,
-    ws_eps_from_cfg,
+    ws_from_cfg,
 )
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -32,7 +32,7 @@ def _plain_conv_(conv: WSConv2d) -> None:
     """Turn a WSConv2d into a Conv2d holding its standardized weight, in place."""
     weight = conv.standardized_weight().detach().clone()
     conv.__class__ = Conv2d  # in place: detectron2's FPN and heads keep plain lists of their convs
-    for name in ("eps", "ws_group", "_cached_weight", "_cache_key"):
+    for name in ("eps", "form", "ws_group", "_cached_weight", "_cache_key"):
         delattr(conv, name)
     conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
 

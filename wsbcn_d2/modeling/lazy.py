@@ -11,19 +11,21 @@ path::
     model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
     model.meta_arch, model._target_ = model._target_, build_ws_model
 """
-import math
 from typing import Any, Callable, Union
 
 from detectron2.utils.registry import locate
 from torch import nn
 
+from ..layers import check_ws_form
 from .backbone import relus_into_convs
 from .wsbcn import check_ws_coverage, standardize_normed_convs
 
 __all__ = ["build_ws_model"]
 
 
-def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: float = 1e-5, **kwargs: Any) -> nn.Module:
+def build_ws_model(
+    meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: float = 1e-5, ws_form: str = "std+eps", **kwargs: Any
+) -> nn.Module:
     """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule), and
     the ReLUs (and shortcut additions) of its ResNet blocks applied by their convs, as in the YAML
     configs' backbones (:func:`relus_into_convs`).
@@ -31,14 +33,15 @@ def build_ws_model(meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: floa
     Args:
         meta_arch: the model class (or its dotted name), e.g. ``GeneralizedRCNN``.
         ws_eps: WS eps (``MODEL.WS.EPS`` of the YAML configs).
+        ws_form: WS form (``MODEL.WS.FORM``, :data:`~wsbcn_d2.layers.WS_FORMS`): pretrained weights need
+            their own (``"var+eps"`` for the official BCN+WS backbones).
         kwargs: the meta-architecture's arguments, already instantiated.
 
     Logs a warning when the model has normed convs WS cannot convert, or none at all.
     """
-    if not (math.isfinite(ws_eps) and ws_eps > 0):
-        raise ValueError(f"ws_eps must be a finite number > 0, got {ws_eps}")
+    check_ws_form(ws_form, ws_eps)
     model = (locate(meta_arch) if isinstance(meta_arch, str) else meta_arch)(**kwargs)
-    standardize_normed_convs(model, ws_eps)
+    standardize_normed_convs(model, ws_eps, ws_form)
     relus_into_convs(model)
     check_ws_coverage(model)
     return model

@@ -13,7 +13,7 @@
   normed convs without WS, or no normed conv at all.
 """
 import logging
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d, ShapeSpec
@@ -31,7 +31,7 @@ __all__ = [
     "standardize_from_cfg",
     "standardize_normed_convs",
     "with_resolved_norms",
-    "ws_eps_from_cfg",
+    "ws_from_cfg",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,17 +86,19 @@ def with_resolved_norms(cfg: CfgNode, norms: Dict[str, Norm]) -> CfgNode:
 
 
 def standardize_from_cfg(module: nn.Module, cfg: CfgNode) -> nn.Module:
-    """:func:`standardize_normed_convs` on ``module`` with ``MODEL.WS.EPS``, if WS is enabled; returns ``module``."""
-    eps = ws_eps_from_cfg(cfg)
-    if eps is not None:
-        standardize_normed_convs(module, eps)
+    """:func:`standardize_normed_convs` on ``module`` with ``MODEL.WS.EPS`` and ``MODEL.WS.FORM``, if WS is
+    enabled; returns ``module``."""
+    ws = ws_from_cfg(cfg)
+    if ws is not None:
+        standardize_normed_convs(module, **ws)
     return module
 
 
-def ws_eps_from_cfg(cfg: CfgNode) -> Optional[float]:
-    """``MODEL.WS.EPS`` if WS is enabled, else None."""
+def ws_from_cfg(cfg: CfgNode) -> Optional[Dict[str, Any]]:
+    """``{"eps": MODEL.WS.EPS, "form": MODEL.WS.FORM}`` (:func:`standardize_normed_convs`'s WS arguments)
+    if WS is enabled, else None."""
     check_norm_slots(cfg)
-    return cfg.MODEL.WS.EPS if cfg.MODEL.WS.ENABLED else None
+    return {"eps": cfg.MODEL.WS.EPS, "form": cfg.MODEL.WS.FORM} if cfg.MODEL.WS.ENABLED else None
 
 
 def normed_convs(module: nn.Module) -> Dict[str, nn.Conv2d]:
@@ -118,8 +120,9 @@ def normed_convs(module: nn.Module) -> Dict[str, nn.Conv2d]:
     return found
 
 
-def standardize_normed_convs(module: nn.Module, eps: float) -> int:
-    """The WS rule: turn, in place, every conv of ``module`` that carries a norm into a WSConv2d.
+def standardize_normed_convs(module: nn.Module, eps: float = 1e-5, form: str = "std+eps") -> int:
+    """The WS rule: turn, in place, every conv of ``module`` that carries a norm into a WSConv2d
+    standardizing by ``form`` with ``eps`` (:data:`~wsbcn_d2.layers.WS_FORMS`).
 
     Plain ``nn.Conv2d`` and ``detectron2.layers.Conv2d`` are converted (in
     place, so references to them stay valid); other conv classes are left as
@@ -131,7 +134,7 @@ def standardize_normed_convs(module: nn.Module, eps: float) -> int:
             conv.__class__ = Conv2d
             conv.norm = conv.activation = None
         if type(conv) is Conv2d:
-            converted.append(WSConv2d.convert_(conv, eps))
+            converted.append(WSConv2d.convert_(conv, eps, form))
     WSConvGroup(converted)  # standardized together in training on CUDA: a few kernels per step, not per conv
     return len(converted)
 
@@ -174,19 +177,22 @@ class WSHeadMixin:
     norm_arg: str = "conv_norm"
 
     @configurable
-    def __init__(self, input_shape: Union[ShapeSpec, Dict[str, ShapeSpec]], *, ws_eps: Optional[float], **kwargs):
+    def __init__(
+        self, input_shape: Union[ShapeSpec, Dict[str, ShapeSpec]], *, ws: Optional[Dict[str, Any]], **kwargs
+    ):
         """
         Args:
-            ws_eps: WS eps for the convs that carry a norm; None disables WS.
+            ws: WS arguments (``eps``, ``form``) of :func:`standardize_normed_convs` for the convs that
+                carry a norm; None disables WS.
             input_shape, kwargs: as the detectron2 head this is mixed into.
         """
         super().__init__(input_shape, **kwargs)
-        if ws_eps is not None:
-            standardize_normed_convs(self, ws_eps)
+        if ws is not None:
+            standardize_normed_convs(self, **ws)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Union[ShapeSpec, Dict[str, ShapeSpec]]) -> dict:
         ret = super().from_config(cfg, input_shape)
         ret[cls.norm_arg] = resolve_cfg_norm(cfg, cls.norm_key)
-        ret["ws_eps"] = ws_eps_from_cfg(cfg)
+        ret["ws"] = ws_from_cfg(cfg)
         return ret
