@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Convert an ImageNet-pretrained WS / BCN / torchvision ResNet into a detectron2 checkpoint.
+"""Convert an ImageNet-pretrained WS / BCN / torchvision ResNet or BiT ResNetV2 into a detectron2 checkpoint.
 
     python tools/convert_pretrained.py R-50-GN-WS.pth.tar pretrained/R-50-GN-WS.pkl --depth 50 --norm GN
     python tools/convert_pretrained.py rn50_bcn_ws.pth pretrained/rn50_bcn_ws.pkl --depth 50 --norm BCN
+    python tools/convert_pretrained.py model.safetensors pretrained/bit_r50x1.pkl --depth 50   # timm BiT
+    python tools/convert_pretrained.py BiT-M-R50x1.npz pretrained/bit_r50x1.pkl --depth 50     # BiT .npz
 
-The layout (official WS, official BCN, plain torchvision) is detected from the
-norm layers unless --layout forces it. The output .pkl is meant for
-MODEL.WEIGHTS with the plugin's backbones; it records the input format the
-weights expect, and the config values they need are printed.
+The layout (official WS, official BCN, plain torchvision, timm or BiT ResNetV2) is
+detected from the names and norm layers unless --layout forces it. The output .pkl
+is meant for MODEL.WEIGHTS with the plugin's backbones; it records the input
+format and WS form the weights expect, and the config values they need are printed.
 """
 
 import argparse
@@ -29,14 +31,17 @@ from wsbcn_d2.checkpoint import (
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", metavar="SOURCE", help="checkpoint to convert (.pth, .pth.tar)")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="checkpoint to convert (.pth, .pth.tar, .bin, .safetensors, BiT's .npz)"
+    )
     parser.add_argument("dest", metavar="DEST", help="detectron2 checkpoint to write (.pkl)")
     parser.add_argument(
         "--layout",
         choices=["auto", *LAYOUTS],
         default="auto",
-        help="source layout; auto: bcn if the norms hold pbn.*, ws if they are GroupNorms, else torchvision "
-        "(use --layout torchvision for GroupNorm weights trained without WS, --layout ws for BN+WS)",
+        help="source layout; auto: timm or bit for ResNetV2 names, else bcn if the norms hold pbn.*, ws if they "
+        "are GroupNorms, else torchvision (use --layout torchvision for GroupNorm weights trained without WS, "
+        "--layout ws for BN+WS)",
     )
     parser.add_argument(
         "--depth", type=int, choices=[18, 34, 50, 101, 152], help="refuse a checkpoint of another depth"

@@ -31,12 +31,13 @@ if ! has "torch, torchvision"; then
     pip_install torch==2.14.1 torchvision==0.29.1
 fi
 
-# detectron2's runtime requirements (pinned where the 0.7.2 code needs it).
+# detectron2's runtime requirements (pinned where the 0.7.2 code needs it); timm, the reference
+# the BiT ResNetV2 tests compare with, and safetensors, for timm's weight files.
 REQS=(
     "numpy<2" "setuptools<81" "opencv-python-headless<4.12" "omegaconf>=2.1,<2.4"
     "hydra-core>=1.1" "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7" "pycocotools>=2.0.2"
     matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard black packaging
-    pytest
+    pytest "timm>=1.0" safetensors
 )
 if ! "$PY" - "${REQS[@]}" <<'PYEOF' >/dev/null 2>&1
 import sys

@@ -35,6 +35,9 @@ def add_wsbcn_config(cfg: CN) -> None:
       official BCN ImageNet models; ``"biased_var+eps"`` as timm. Pretrained WS
       weights compute their trained function only under their own form and eps,
       which converted checkpoints record (see ``MODEL.WEIGHTS_ALLOW_WS_MISMATCH``).
+    - ``MODEL.RESNETV2.DEPTH`` (50; 101, 152), ``WIDTH_FACTOR`` (1.0; BiT: 1-4),
+      ``NORM`` ("GN"), ``OUT_FEATURES`` (res2-res5): the BiT ResNetV2 backbones
+      (:mod:`wsbcn_d2.modeling.resnetv2`).
     - ``MODEL.GN.NUM_GROUPS`` (32): groups of the norm named "GN".
     - ``MODEL.BCN.NUM_GROUPS`` (32), ``MODEL.BCN.EPS`` (1e-5): BCN's channel
       step, as in the paper.
@@ -56,6 +59,11 @@ def add_wsbcn_config(cfg: CN) -> None:
     cfg.MODEL.WS.EPS = 1e-5
     cfg.MODEL.GN = CN()
     cfg.MODEL.GN.NUM_GROUPS = 32
+    cfg.MODEL.RESNETV2 = CN()
+    cfg.MODEL.RESNETV2.DEPTH = 50
+    cfg.MODEL.RESNETV2.WIDTH_FACTOR = 1.0
+    cfg.MODEL.RESNETV2.NORM = "GN"
+    cfg.MODEL.RESNETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BCN = CN()
     cfg.MODEL.BCN.NUM_GROUPS = 32
     cfg.MODEL.BCN.EPS = 1e-5
@@ -97,6 +105,11 @@ def _meta_arch_in(*names: str) -> Callable[[CN], bool]:
 
 _RCNN = ("GeneralizedRCNN", "PanopticFPN")
 _RES5_ROI_HEADS = ("Res5ROIHeads", "WSRes5ROIHeads")
+_RESNETV2_BUILDERS = (
+    "build_ws_resnetv2_backbone",
+    "build_ws_resnetv2_fpn_backbone",
+    "build_ws_retinanet_resnetv2_fpn_backbone",
+)
 
 NORM_SLOTS: Tuple[NormSlot, ...] = (
     NormSlot(
@@ -115,11 +128,17 @@ NORM_SLOTS: Tuple[NormSlot, ...] = (
         _meta_arch_in(*_RCNN),
     ),
     NormSlot(
+        "MODEL.RESNETV2.NORM",  # the plugin's own backbones: no detectron2 counterpart
+        "MODEL.BACKBONE.NAME",
+        {name: name for name in _RESNETV2_BUILDERS},
+    ),
+    NormSlot(
         "MODEL.FPN.NORM",
         "MODEL.BACKBONE.NAME",
         {
             "build_resnet_fpn_backbone": "build_ws_resnet_fpn_backbone",
             "build_retinanet_resnet_fpn_backbone": "build_ws_retinanet_resnet_fpn_backbone",
+            **{name: name for name in _RESNETV2_BUILDERS[1:]},
         },
     ),
     NormSlot(

@@ -1,10 +1,10 @@
-"""Convert ImageNet-pretrained WS / BCN / torchvision ResNets into detectron2 checkpoints.
+"""Convert ImageNet-pretrained WS / BCN / torchvision ResNets and BiT ResNetV2s into detectron2 checkpoints.
 
-Every supported source uses torchvision's ResNet / ResNeXt names (``conv1``,
-``bn1``, ``layer{1-4}.{i}.conv{k}`` / ``bn{k}``, ``layer{1-4}.0.downsample.{0,1}``,
-``fc``), optionally under a DataParallel ``module.`` prefix and/or inside a
-training checkpoint's ``state_dict`` entry. The layouts differ in their norms
-and in the WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FORMS`):
+The ResNet sources use torchvision's ResNet / ResNeXt names (``conv1``, ``bn1``,
+``layer{1-4}.{i}.conv{k}`` / ``bn{k}``, ``layer{1-4}.0.downsample.{0,1}``, ``fc``),
+optionally under a DataParallel ``module.`` prefix and/or inside a training
+checkpoint's ``state_dict`` entry. The layouts differ in their norms and in the
+WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FORMS`):
 
 - ``ws``: the official WS checkpoints (``R-50-GN-WS.pth.tar`` ...) and mmdetection's
   copies of them (``open-mmlab://jhu/resnet50_gn_ws`` ...): GroupNorm, WS form
@@ -13,15 +13,17 @@ and in the WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FOR
   a per-group affine of shape (1, G, 1) and an inner BatchNorm2d under ``pbn.``;
   WS form ``"var+eps"``, eps 1e-5 (``imagenet/models/layers.py`` of the BCN code).
 - ``torchvision``: any other torchvision-layout ResNet (BatchNorm or GroupNorm), no WS.
+- ``timm`` / ``bit``: BiT's ResNetV2 (GN, WS form ``"biased_var+eps"``, eps 1e-8,
+  inputs scaled by 0.5 / 0.5) as a timm state dict or BiT's ``.npz`` (:mod:`.resnetv2`).
 
-Norms may also be named ``gn{k}`` (mmcv's ResNet, which mmdetection's copies
-use), which is treated like ``bn{k}``. The converted checkpoint records the WS
-form and eps (``ws_form``, ``ws_eps``; None without WS): the plugin's
-checkpointer refuses to load it into a backbone that standardizes otherwise. Names map onto detectron2's ResNet (``stem.conv1``,
-``res{N+1}.{i}.conv{k}[.norm]``, ``shortcut[.norm]``; a BCN's ``pbn.*`` becomes
-``norm.batch_norm.*``). The result is checked against the plugin's own backbone
-built with the detected depth, width and norm, so a converted file always
-loads completely.
+ResNet norms may also be named ``gn{k}`` (mmcv's ResNet, which mmdetection's
+copies use), treated like ``bn{k}``. Names map onto detectron2's ResNet
+(``stem.conv1``, ``res{N+1}.{i}.conv{k}[.norm]``, ``shortcut[.norm]``; a BCN's
+``pbn.*`` becomes ``norm.batch_norm.*``) or the plugin's ResNetV2. The result is
+checked against the plugin's own backbone built with the detected architecture
+and norm, so a converted file always loads completely. The converted checkpoint
+records the WS form and eps (``ws_form``, ``ws_eps``; None without WS): the
+plugin's checkpointer refuses to load it into a backbone that standardizes otherwise.
 
 The Caffe2/Detectron-named ``.pkl`` copies (``conv1_w``, ``res2_0_branch2a_gn_s``
 ...) need no conversion: detectron2's checkpointer renames GN blobs itself.
@@ -38,10 +40,12 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
 
+from .. import modeling  # noqa: F401  (registers the backbones)
 from ..config import add_wsbcn_config
-from ..modeling import build_ws_resnet_backbone
 from .io import CheckpointError, atomic_write, read_failure
+from .resnetv2 import bit_to_timm_names, detect_resnetv2_layout, timm_to_backbone_names
 
 __all__ = [
     "ConversionError",
@@ -58,11 +62,12 @@ __all__ = [
     "save_checkpoint",
 ]
 
-# All supported sources were trained on RGB input normalized with torchvision's
-# mean and std, given here on the 0-255 scale detectron2 uses.
+# All supported sources were trained on RGB input; the ResNets normalized with torchvision's
+# mean and std, BiT with 0.5 / 0.5 (on [0, 1]), given here on the 0-255 scale detectron2 uses.
 INPUT_FORMAT = "RGB"
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+BIT_PIXEL_MEAN = BIT_PIXEL_STD = (127.5, 127.5, 127.5)
 
 
 class Layout(NamedTuple):
@@ -74,13 +79,19 @@ class Layout(NamedTuple):
     """The WS form the weights were trained with (:data:`~wsbcn_d2.layers.WS_FORMS`); None: no WS."""
     ws_eps: Optional[float] = None
     """That form's eps."""
+    pixel_mean: Tuple[float, ...] = PIXEL_MEAN
+    pixel_std: Tuple[float, ...] = PIXEL_STD
+    """The input normalization the weights were trained with (0-255 scale, RGB)."""
 
 
 LAYOUTS: Dict[str, Layout] = {
     "ws": Layout(norms=("GN", "BN"), ws_form="std+eps", ws_eps=1e-5),
     "bcn": Layout(norms=("BCN",), ws_form="var+eps", ws_eps=1e-5),
     "torchvision": Layout(norms=("GN", "BN"), ws_form=None),
+    "timm": Layout(norms=("GN",), ws_form="biased_var+eps", ws_eps=1e-8, pixel_mean=BIT_PIXEL_MEAN, pixel_std=BIT_PIXEL_STD),
+    "bit": Layout(norms=("GN",), ws_form="biased_var+eps", ws_eps=1e-8, pixel_mean=BIT_PIXEL_MEAN, pixel_std=BIT_PIXEL_STD),
 }
+_RESNETV2_LAYOUTS = ("timm", "bit")
 _AUTO_LAYOUT = {"GN": "ws", "BCN": "bcn", "BN": "torchvision"}
 """The layout auto-detection picks for each norm family."""
 
@@ -136,21 +147,18 @@ class ConversionResult:
     """A converted checkpoint and what was detected and left out on the way."""
 
     model: Dict[str, np.ndarray]
-    """detectron2 ResNet names (``stem.conv1.weight``, ``res2.0.conv1.norm.batch_norm.running_mean`` ...)."""
+    """detectron2 backbone names (``stem.conv1.weight``, ``res2.0.conv1.norm.batch_norm.running_mean`` ...)."""
     layout: str
-    depth: int
+    arch: str
+    """e.g. "ResNet-50", "ResNeXt-50 32x4d", "ResNetV2-50x1"."""
     norm_family: str
     """The checkpoint's norms: GN, BN or BCN."""
-    norm: str
-    """The plugin norm name to use (``MODEL.RESNETS.NORM``)."""
-    num_groups: int
-    """ResNeXt cardinality (1 for ResNet)."""
-    width_per_group: int
-    bcn_num_groups: Optional[int] = None
+    backbone_config: Dict[str, Any]
+    """The config values of the backbone the weights fit (``MODEL.RESNETS.*`` ...)."""
     unused: Dict[str, str] = field(default_factory=dict)
     """Source key -> why it was left out (classifier, step counters ...)."""
     unmapped: List[str] = field(default_factory=list)
-    """Source keys that are not part of a torchvision ResNet."""
+    """Source keys that are not part of the source architecture."""
 
     @property
     def ws(self) -> bool:
@@ -166,41 +174,27 @@ class ConversionResult:
     def ws_eps(self) -> Optional[float]:
         return LAYOUTS[self.layout].ws_eps
 
-    @property
-    def arch(self) -> str:
-        if self.num_groups == 1 and self.width_per_group == 64:
-            return f"ResNet-{self.depth}"
-        return f"ResNeXt-{self.depth} {self.num_groups}x{self.width_per_group}d"
-
     def config_overrides(self) -> Dict[str, Any]:
         """The config values the plugin's backbones need for these weights."""
-        overrides = {
-            "MODEL.RESNETS.DEPTH": self.depth,
-            "MODEL.RESNETS.NORM": self.norm,
-            "MODEL.RESNETS.STRIDE_IN_1X1": False,
-            "MODEL.RESNETS.NUM_GROUPS": self.num_groups,
-            "MODEL.RESNETS.WIDTH_PER_GROUP": self.width_per_group,
-            "MODEL.RESNETS.RES2_OUT_CHANNELS": 64 if self.depth < 50 else 256,
-            "MODEL.WS.ENABLED": self.ws,
-        }
+        layout = LAYOUTS[self.layout]
+        overrides = {**self.backbone_config, "MODEL.WS.ENABLED": self.ws}
         if self.ws:
             overrides.update({"MODEL.WS.FORM": self.ws_form, "MODEL.WS.EPS": self.ws_eps})
-        if self.bcn_num_groups is not None:
-            overrides["MODEL.BCN.NUM_GROUPS"] = self.bcn_num_groups
         overrides.update(
-            {"MODEL.PIXEL_MEAN": list(PIXEL_MEAN), "MODEL.PIXEL_STD": list(PIXEL_STD), "INPUT.FORMAT": INPUT_FORMAT}
+            {"MODEL.PIXEL_MEAN": list(layout.pixel_mean), "MODEL.PIXEL_STD": list(layout.pixel_std), "INPUT.FORMAT": INPUT_FORMAT}
         )
         return overrides
 
     def checkpoint(self) -> Dict[str, Any]:
-        """The detectron2 checkpoint (loaded with matching heuristics), input format included."""
+        """The detectron2 checkpoint (loaded with matching heuristics), input format and WS form included."""
+        layout = LAYOUTS[self.layout]
         return {
             "model": self.model,
             "__author__": f"wsbcn_d2 convert_pretrained (from {self.layout} layout, {self.arch} {self.norm_family})",
             "matching_heuristics": True,
             "input_format": INPUT_FORMAT,
-            "pixel_mean": list(PIXEL_MEAN),
-            "pixel_std": list(PIXEL_STD),
+            "pixel_mean": list(layout.pixel_mean),
+            "pixel_std": list(layout.pixel_std),
             "config_overrides": self.config_overrides(),
             "ws_form": self.ws_form,
             "ws_eps": self.ws_eps,
@@ -208,9 +202,10 @@ class ConversionResult:
 
     def summary(self) -> str:
         """A human-readable report: what was detected, converted and left out."""
+        bcn_groups = self.backbone_config.get("MODEL.BCN.NUM_GROUPS")
         lines = [
             f"layout {self.layout}: {self.arch}, {self.norm_family} norms"
-            + (f" ({self.bcn_num_groups} groups)" if self.bcn_num_groups else "")
+            + (f" ({bcn_groups} groups)" if bcn_groups else "")
             + (f", trained with WS form {self.ws_form!r}, eps {self.ws_eps:g}" if self.ws else ", no WS"),
             f"converted {len(self.model)} tensors",
         ]
@@ -223,15 +218,26 @@ class ConversionResult:
 
 
 def load_source(path: str, allow_pickle: bool = False) -> Mapping[str, Any]:
-    """``torch.load`` a checkpoint on CPU, with ``weights_only`` unless ``allow_pickle``.
+    """Load a checkpoint on CPU: ``torch.load`` (with ``weights_only`` unless ``allow_pickle``); a ``.npz``
+    (BiT's) or ``.safetensors`` file as a dict of tensors.
 
     Raises:
-        CheckpointError: naming ``path``: it is empty, truncated, not a torch checkpoint, or
-            holds Python objects (and ``allow_pickle`` is off).
+        CheckpointError: naming ``path``: it is empty, truncated, not a checkpoint, holds Python
+            objects (and ``allow_pickle`` is off), or needs the ``safetensors`` package.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .safetensors files needs the safetensors package") from None
     try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as arrays:
+                return {key: torch.from_numpy(arrays[key]) for key in arrays.files}
+        if path.endswith(".safetensors"):
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
@@ -300,17 +306,18 @@ def _groups(modules: Mapping[str, Dict[str, torch.Tensor]], kind: str) -> Tuple[
     return groups, conv1.shape[0] // groups
 
 
-def _expected_shapes(overrides: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    """State shapes of the plugin's (unfrozen) backbone for ``overrides``, built on the meta device."""
+def _expected_shapes(overrides: Mapping[str, Any], backbone_name: str) -> Dict[str, Tuple[int, ...]]:
+    """State shapes of the plugin's (unfrozen) backbone ``backbone_name`` for ``overrides``, built on the
+    meta device with outputs res2-res5."""
     cfg: CfgNode = get_cfg()
     add_wsbcn_config(cfg)
     cfg.merge_from_list([x for item in overrides.items() for x in item])
     cfg.MODEL.META_ARCHITECTURE = "ProposalNetwork"  # the backbone alone: no head reads its norm
-    cfg.MODEL.BACKBONE.NAME = "build_ws_resnet_backbone"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.NAME = backbone_name
+    cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.RESNETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     with torch.device("meta"):
-        backbone = build_ws_resnet_backbone(cfg, ShapeSpec(channels=3))
+        backbone = BACKBONE_REGISTRY.get(backbone_name)(cfg, ShapeSpec(channels=3))
     return {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
 
 
@@ -326,12 +333,12 @@ def convert_checkpoint(
     expect_depth: Optional[int] = None,
     expect_norm: Optional[str] = None,
 ) -> ConversionResult:
-    """Convert a torchvision-layout ResNet/ResNeXt checkpoint to detectron2 names.
+    """Convert a torchvision-layout ResNet/ResNeXt, or a timm / BiT ResNetV2, checkpoint to detectron2 names.
 
     Args:
         checkpoint: a state_dict, possibly with a ``module.`` prefix or inside a
             ``state_dict`` / ``model`` entry (as ``torch.load`` returns it).
-        layout: one of :data:`LAYOUTS`; None detects it from the norms.
+        layout: one of :data:`LAYOUTS`; None detects it from the names (ResNetV2) or norms.
         expect_depth: refuse a checkpoint of another depth.
         expect_norm: a plugin norm name (:data:`NORM_FAMILIES`); refuse a
             checkpoint whose norms cannot load into it. Also the norm named
@@ -346,6 +353,9 @@ def convert_checkpoint(
     if expect_norm is not None and expect_norm not in NORM_FAMILIES:
         raise ConversionError(f"unknown norm {expect_norm!r}; choose from {', '.join(NORM_FAMILIES)}")
     state = _state_dict(checkpoint)
+    resnetv2_layout = detect_resnetv2_layout(state)
+    if resnetv2_layout is not None or layout in _RESNETV2_LAYOUTS:
+        return _convert_resnetv2(state, resnetv2_layout, layout, expect_depth, expect_norm)
     modules: Dict[str, Dict[str, torch.Tensor]] = {}
     d2_names: Dict[str, str] = {}
     unused: Dict[str, str] = {}
@@ -419,28 +429,66 @@ def convert_checkpoint(
         raise ConversionError(f"BCN layers use different group counts {sorted(bcn_groups)}")
 
     num_groups, width_per_group = _groups(modules, kind)
-    result = ConversionResult(
-        model=model,
-        layout=layout,
-        depth=depth,
-        norm_family=family,
-        norm=expect_norm or _DEFAULT_NORM[family],
-        num_groups=num_groups,
-        width_per_group=width_per_group,
-        bcn_num_groups=bcn_groups.pop() if bcn_groups else None,
-        unused=unused,
-        unmapped=unmapped,
-    )
-    expected = _expected_shapes(result.config_overrides())
+    norm = expect_norm or _DEFAULT_NORM[family]
+    backbone_config = {
+        "MODEL.RESNETS.DEPTH": depth,
+        "MODEL.RESNETS.NORM": norm,
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        "MODEL.RESNETS.NUM_GROUPS": num_groups,
+        "MODEL.RESNETS.WIDTH_PER_GROUP": width_per_group,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64 if depth < 50 else 256,
+    }
+    if bcn_groups:
+        backbone_config["MODEL.BCN.NUM_GROUPS"] = bcn_groups.pop()
+    arch = f"ResNet-{depth}" if (num_groups, width_per_group) == (1, 64) else f"ResNeXt-{depth} {num_groups}x{width_per_group}d"
+    result = ConversionResult(model, layout, arch, family, backbone_config, unused, unmapped)
+    expected = _expected_shapes(result.config_overrides(), "build_ws_resnet_backbone")
     for key in [k for k in model if k.endswith(_COUNTER) and k not in expected]:
         del model[key]
-        unused[source_keys[key]] = f"BatchNorm step counter ({result.norm} has none)"
-    _check_complete(result, expected)
+        unused[source_keys[key]] = f"BatchNorm step counter ({norm} has none)"
+    _check_complete(result, norm, expected)
     return result
 
 
-def _check_complete(result: ConversionResult, expected: Mapping[str, Tuple[int, ...]]) -> None:
-    """Raise unless ``result.model`` fills the backbone whose state has ``expected`` shapes."""
+def _convert_resnetv2(
+    state: Dict[str, Any],
+    detected: Optional[str],
+    layout: Optional[str],
+    expect_depth: Optional[int],
+    expect_norm: Optional[str],
+) -> ConversionResult:
+    """:func:`convert_checkpoint` of a timm / BiT ResNetV2 (see :mod:`.resnetv2`)."""
+    if layout is not None and layout != detected:
+        found = f"{detected} ResNetV2 names" if detected else "no timm / BiT ResNetV2 names"
+        raise ConversionError(f"layout {layout!r} was asked, but the checkpoint has {found}")
+    if expect_norm is not None and NORM_FAMILIES[expect_norm] != "GN":
+        raise ConversionError(f"norm mismatch: BiT's ResNetV2 weights hold GN norms, but {expect_norm} was asked")
+    unused: Dict[str, str] = {}
+    unmapped: List[str] = []
+    if detected == "bit":
+        state, unused, unmapped = bit_to_timm_names(state)
+    try:
+        model, more_unused, more_unmapped, depth, width = timm_to_backbone_names(state)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    if expect_depth is not None and expect_depth != depth:
+        raise ConversionError(f"depth mismatch: the checkpoint is a ResNetV2-{depth}, but depth {expect_depth} was asked")
+    backbone_config = {"MODEL.RESNETV2.DEPTH": depth, "MODEL.RESNETV2.WIDTH_FACTOR": width, "MODEL.RESNETV2.NORM": "GN"}
+    result = ConversionResult(
+        {k: _to_numpy(v) for k, v in model.items()},
+        detected,
+        f"ResNetV2-{depth}x{width:g}",
+        "GN",
+        backbone_config,
+        {**unused, **more_unused},
+        unmapped + more_unmapped,
+    )
+    _check_complete(result, "GN", _expected_shapes(result.config_overrides(), "build_ws_resnetv2_backbone"))
+    return result
+
+
+def _check_complete(result: ConversionResult, norm: str, expected: Mapping[str, Tuple[int, ...]]) -> None:
+    """Raise unless ``result.model`` fills the backbone with ``norm`` norms whose state has ``expected`` shapes."""
     missing = sorted(k for k in set(expected) - set(result.model) if not k.endswith(_COUNTER))
     wrong = [
         f"{k} {tuple(v.shape)} (backbone: {expected[k]})"
@@ -455,7 +503,7 @@ def _check_complete(result: ConversionResult, expected: Mapping[str, Tuple[int, 
     ]
     if problems:
         raise ConversionError(
-            f"the checkpoint does not fit detectron2's {result.arch} with {result.norm} norms; " + "; ".join(problems)
+            f"the checkpoint does not fit detectron2's {result.arch} with {norm} norms; " + "; ".join(problems)
         )
 
 

@@ -8,6 +8,12 @@ from .backbone import (
 )
 from .fold import fold_for_inference
 from .lazy import build_ws_model
+from .resnetv2 import (
+    ResNetV2,
+    build_ws_resnetv2_backbone,
+    build_ws_resnetv2_fpn_backbone,
+    build_ws_retinanet_resnetv2_fpn_backbone,
+)
 from .retinanet import WSRetinaNet
 from .roi_heads import WSFastRCNNConvFCHead, WSMaskRCNNConvUpsampleHead, WSRes5ROIHeads
 from .semantic_seg import WSSemSegFPNHead

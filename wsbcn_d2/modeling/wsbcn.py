@@ -126,7 +126,9 @@ def standardize_normed_convs(module: nn.Module, eps: float = 1e-5, form: str = "
 
     Plain ``nn.Conv2d`` and ``detectron2.layers.Conv2d`` are converted (in
     place, so references to them stay valid); other conv classes are left as
-    they are (:func:`check_ws_coverage` reports them). Returns the number of convs converted.
+    they are (:func:`check_ws_coverage` reports them). Every WSConv2d of ``module``
+    then forms one :class:`WSConvGroup` (with those a backbone built itself, e.g.
+    ResNetV2's). Returns the number of convs converted.
     """
     converted = []
     for conv in normed_convs(module).values():
@@ -135,7 +137,8 @@ def standardize_normed_convs(module: nn.Module, eps: float = 1e-5, form: str = "
             conv.norm = conv.activation = None
         if type(conv) is Conv2d:
             converted.append(WSConv2d.convert_(conv, eps, form))
-    WSConvGroup(converted)  # standardized together in training on CUDA: a few kernels per step, not per conv
+    # standardized together in training on CUDA: a few kernels per step, not per conv
+    WSConvGroup([m for m in module.modules() if isinstance(m, WSConv2d)])
     return len(converted)
 
 
@@ -158,7 +161,7 @@ def check_ws_coverage(model: nn.Module, cfg: Optional[CfgNode] = None, max_names
             for s in (unreached_norm_slots(cfg) if cfg is not None else ())
         )
         logger.warning(f"WS is enabled but {len(missing)} convs carry a norm without WS: {shown}{hints}")
-    elif not convs:
+    elif not convs and not any(isinstance(m, WSConv2d) for m in model.modules()):
         slots = ", ".join(dict.fromkeys(s.key for s in used_norm_slots(cfg))) if cfg is not None else "every norm slot"
         logger.warning(
             f"MODEL.WS.ENABLED is True but no conv carries a norm ({slots} empty): nothing is standardized; "
