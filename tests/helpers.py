@@ -13,7 +13,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from torch.nn import functional as F
 
 from wsbcn_d2 import add_wsbcn_config
-from wsbcn_d2.layers import BatchChannelNorm2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -57,6 +57,34 @@ def synthetic_batch(height: int = 128, width: int = 160, seed: int = 0) -> list:
     instances.gt_classes = torch.tensor([0, 1])
     instances.gt_masks = BitMasks(masks)
     return [{"image": image, "instances": instances, "height": height, "width": width}]
+
+
+SMALL = [  # overrides for small, untrained R-18 variants of the configs (any meta-architecture)
+    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.BACKBONE.FREEZE_AT", 0,
+    "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.POST_NMS_TOPK_TEST", 32,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.RETINANET.NUM_CLASSES", 2, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+    "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
+]  # fmt: skip
+
+
+def randomize_norms_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BCN estimates and affines, and WS filters off-centre (which WS removes), in place, so that
+    folding and export have something to fold; returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BatchChannelNorm2d):
+                bn = m.batch_norm
+                for t in (m.weight, bn.weight):
+                    t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+                for t in (m.bias, bn.bias, bn.running_mean):
+                    t.copy_(torch.rand(t.shape, generator=generator) - 0.5)
+                bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 1.5 + 0.5)
+            if isinstance(m, WSConv2d):
+                m.weight.add_(0.1 * torch.randn(m.weight.shape[0], 1, 1, 1, generator=generator))
+    return model
 
 
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")

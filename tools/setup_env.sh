@@ -32,12 +32,13 @@ if ! has "torch, torchvision"; then
 fi
 
 # detectron2's runtime requirements (pinned where the 0.7.2 code needs it); timm, the reference
-# the BiT ResNetV2 tests compare with, and safetensors, for timm's weight files.
+# the BiT ResNetV2 tests compare with; safetensors, for timm's weight files; onnx and onnxruntime,
+# for tools/export_model.py.
 REQS=(
     "numpy<2" "setuptools<81" "opencv-python-headless<4.12" "omegaconf>=2.1,<2.4"
     "hydra-core>=1.1" "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7" "pycocotools>=2.0.2"
     matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard black packaging
-    pytest "timm>=1.0" safetensors
+    pytest "timm>=1.0" safetensors onnx onnxruntime
 )
 if ! "$PY" - "${REQS[@]}" <<'PYEOF' >/dev/null 2>&1
 import sys

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem
 from torch import nn
 
-from helpers import load_config
+from helpers import load_config, randomize_norms_
 from wsbcn_d2 import fold_for_inference
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
@@ -18,19 +18,7 @@ SIZE = 96
 def randomized_model(*opts) -> nn.Module:
     """The demo model with random BCN estimates and affines, and WS weights off-centre."""
     torch.manual_seed(0)
-    model = build_model(load_config(CONFIG, *opts)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BatchChannelNorm2d):
-                bn = m.batch_norm
-                for t in (m.weight, bn.weight):
-                    t.uniform_(0.5, 1.5)
-                for t in (m.bias, bn.bias, bn.running_mean):
-                    t.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-            if isinstance(m, WSConv2d):
-                m.weight.add_(0.1 * torch.randn(m.weight.shape[0], 1, 1, 1))  # WS removes it
-    return model
+    return randomize_norms_(build_model(load_config(CONFIG, *opts)).eval())
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

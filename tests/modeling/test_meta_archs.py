@@ -18,17 +18,9 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from helpers import load_config, synthetic_batch
+from helpers import SMALL, load_config, synthetic_batch
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
-SMALL = [
-    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.BACKBONE.FREEZE_AT", 0,
-    "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.POST_NMS_TOPK_TEST", 32,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 2, "MODEL.RETINANET.NUM_CLASSES", 2, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-    "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-]
 C4 = [  # detectron2's own C4 config with the plugin's names: res5 (in the RoI heads) too
     "MODEL.BACKBONE.NAME", "build_ws_resnet_backbone", "MODEL.ROI_HEADS.NAME", "WSRes5ROIHeads",
     "MODEL.RESNETS.NORM", "BCN", "MODEL.RESNETS.WIDTH_PER_GROUP", 16, "MODEL.RESNETS.STRIDE_IN_1X1", False,

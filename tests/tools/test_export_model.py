@@ -1,0 +1,114 @@
+"""ONNX / TorchScript export of GN+WS and BCN+WS detectors: onnxruntime gives PyTorch's detections."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from helpers import DEMO_CONFIG, REPO, SMALL, load_config, randomize_norms_, synthetic_batch
+from wsbcn_d2.export import ExportError, compare_detections, export, load_exported, onnx_op_types, tracing_adapter
+
+EXPORT_MODEL = f"{REPO}/tools/export_model.py"
+GN = ["MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN"]
+CASES = {
+    "mask_rcnn_gn_ws": ("Demo/mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml", [*GN, "MODEL.ROI_BOX_HEAD.NORM", "GN", "MODEL.ROI_MASK_HEAD.NORM", "GN"]),
+    "mask_rcnn_bcn_ws": ("Demo/mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml", []),
+    "retinanet_gn_ws": ("COCO-Detection/retinanet_R_50_FPN_1x_gn_ws.yaml", SMALL),
+    "retinanet_bcn_ws": ("COCO-Detection/retinanet_R_50_FPN_1x_bcn_ws.yaml", SMALL),
+}  # fmt: skip
+TOLERANCE = {"boxes": 1e-3, "scores": 1e-5, "masks": 1e-5}  # float32 rounding; boxes in pixels (~100)
+
+
+def model_and_image(case: str):
+    config, opts = CASES[case]
+    torch.manual_seed(0)
+    cfg = load_config(config, *opts, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)
+    model = randomize_norms_(build_model(cfg).eval())
+    return model, synthetic_batch(96, 128)[0]["image"]  # two objects on noise
+
+
+def assert_same_detections(diff) -> None:
+    assert diff.counts[0] == diff.counts[1] > 0 and diff.classes == 0, diff
+    assert diff.boxes < TOLERANCE["boxes"] and diff.scores < TOLERANCE["scores"] and diff.masks < TOLERANCE["masks"], diff
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_onnxruntime_detections_equal_pytorch(case, tmp_path):
+    model, image = model_and_image(case)
+    adapter = tracing_adapter(model, image)
+    path = export(adapter, image, "onnx", str(tmp_path))
+    ops = onnx_op_types(onnx.load(path))
+    assert set(ops) == {""}, ops  # the standard ONNX domain only: no custom op
+    assert "InstanceNormalization" in ops[""] and "Conv" in ops[""]  # GroupNorm's ONNX pattern
+    with torch.no_grad():
+        folded = adapter(image)
+        assert_same_detections(compare_detections(adapter, load_exported(path)(image), folded))
+        # and the folded model's detections are the trained (unfolded) model's
+        assert_same_detections(compare_detections(adapter, folded, tracing_adapter(model, image, fold=False)(image)))
+    if "mask_rcnn" in case:
+        instances = adapter.outputs_schema(list(folded))[0]["instances"]
+        assert instances.pred_masks.shape[1:] == (1, 28, 28)
+
+
+def run_tool(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, EXPORT_MODEL, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("torchscript", "TorchScript")])
+def test_tool_exports_and_checks_a_sample_image(tmp_path, fmt, runtime):
+    sample = tmp_path / "sample.png"
+    Image.fromarray(synthetic_batch(96, 128)[0]["image"].permute(1, 2, 0).byte().numpy()).save(sample)
+    out = tmp_path / "export"
+    run = run_tool(
+        "--config-file", DEMO_CONFIG, "--format", fmt, "--output", str(out), "--sample-image", str(sample),
+        "--time", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / {"onnx": "model.onnx", "torchscript": "model.ts"}[fmt]).is_file()
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("sample 0:")]
+    assert [r[2] for r in rows] == [runtime, "folded"]
+    for row in rows:  # detections a / b, max |box|, max |score|, classes, max |mask|
+        assert row[-7] == row[-5] and int(row[-2]) == 0
+        assert float(row[-4]) < TOLERANCE["boxes"] and float(row[-3]) < TOLERANCE["scores"]
+        assert float(row[-1]) < TOLERANCE["masks"]
+    assert "custom ops: none" in run.stdout or fmt == "torchscript"
+    assert f"{runtime} " in run.stdout and "ratio" in run.stdout
+
+
+def test_tool_refuses_what_it_cannot_export(tmp_path):
+    # a meta-architecture without an export path
+    run = run_tool(
+        "--config-file", f"{REPO}/configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_2x_bcn_ws.yaml",
+        "--output", str(tmp_path), "--sample-image", str(tmp_path / "none.png"), *map(str, SMALL),
+    )  # fmt: skip
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "none.png" in lines[-1]  # the missing sample is found first
+    sample = tmp_path / "sample.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sample)
+    run = run_tool(
+        "--config-file", f"{REPO}/configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_2x_bcn_ws.yaml",
+        "--output", str(tmp_path), "--sample-image", str(sample), *map(str, SMALL),
+    )  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: PanopticFPN cannot be exported: the export supports GeneralizedRCNN and RetinaNet models "
+        "(and their subclasses: Cascade R-CNN, WSRetinaNet)"
+    )
+    # weights that are not there
+    run = run_tool("--config-file", DEMO_CONFIG, "--output", str(tmp_path), "--sample-image", str(sample),
+                   "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"))  # fmt: skip
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].endswith("model_final.pth: no such file")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_bcn_without_statistics_does_not_fold():
+    model, image = model_and_image("mask_rcnn_bcn_ws")
+    bcn = model.roi_heads.box_head.conv1.norm
+    bcn.batch_norm = torch.nn.BatchNorm2d(bcn.num_channels, track_running_stats=False)  # batch statistics only
+    with pytest.raises(ExportError, match=r"1 WS / BCN layers did not fold .*roi_heads.box_head.conv1.norm"):
+        tracing_adapter(model, image)

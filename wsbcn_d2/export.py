@@ -1,0 +1,181 @@
+"""Export a trained WS / BCN detector to ONNX or TorchScript, through detectron2's tracing adapter.
+
+The model is first folded (:func:`wsbcn_d2.fold_for_inference`): WS convs become
+plain convs holding their standardized weights, BCN's batch step (fixed at
+inference) is folded into the conv that carries it, or into a frozen
+per-channel affine where the BCN is not a conv's norm (RetinaNet's per-level
+head norms), and what remains of BCN is a group normalization with a
+per-group affine. The graph then holds no custom op: torch's ONNX exporter
+writes GroupNorm as its reshape + ``InstanceNormalization`` pattern at opset 17
+(chosen over ``GroupNormalization``, whose opset-18 version takes a per-group
+affine that opset 21 replaced, and which older runtimes and TensorRT lack).
+
+As detectron2's ``tools/deploy/export_model.py``: R-CNN models return their
+detections before the final resize to the original image (boxes in the network
+input's coordinates, masks as per-RoI probabilities); the exported graph is
+traced on one sample and expects inputs of that sample's size.
+"""
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.export import TracingAdapter
+from detectron2.modeling import GeneralizedRCNN, PanopticFPN, RetinaNet
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .checkpoint import atomic_write
+from .layers import BatchChannelNorm2d, WSConv2d
+from .modeling import fold_for_inference
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ONNX_OPSET",
+    "DetectionDifference",
+    "ExportError",
+    "compare_detections",
+    "export",
+    "inference_function",
+    "load_exported",
+    "onnx_op_types",
+    "tracing_adapter",
+]
+
+ONNX_OPSET = 17
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+"""Format -> the file :func:`export` writes in its output folder."""
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (its meta-architecture, a layer that does not fold)."""
+
+
+def _rcnn_inference(model: GeneralizedRCNN, inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, Instances]]:
+    # before the final resize, as detectron2's export: boxes in the input's coordinates, RoI masks
+    return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+
+
+_INFERENCE: Dict[type, Optional[Callable]] = {GeneralizedRCNN: _rcnn_inference, RetinaNet: None}
+"""Meta-architecture -> its inference function for tracing (None: the model's own forward)."""
+
+
+def inference_function(model: nn.Module) -> Optional[Callable]:
+    """What :class:`TracingAdapter` calls to trace ``model`` (None: its forward).
+
+    Raises:
+        ExportError: the meta-architecture is not an R-CNN or RetinaNet.
+    """
+    supported = [cls for cls in _INFERENCE if isinstance(model, cls)]
+    if not supported or isinstance(model, PanopticFPN):  # an R-CNN subclass whose outputs add segmentations
+        raise ExportError(
+            f"{type(model).__name__} cannot be exported: the export supports GeneralizedRCNN and RetinaNet "
+            "models (and their subclasses: Cascade R-CNN, WSRetinaNet)"
+        )
+    return _INFERENCE[supported[0]]
+
+
+def tracing_adapter(model: nn.Module, image: torch.Tensor, fold: bool = True) -> TracingAdapter:
+    """detectron2's :class:`TracingAdapter` around ``model`` (folded unless ``fold`` is False), in eval.
+
+    ``image``: a (3, H, W) network input (already resized). The adapter maps it to the
+    flattened detections (see :func:`compare_detections`).
+
+    Raises:
+        ExportError: the meta-architecture is not an R-CNN or RetinaNet, or a WS / BCN layer
+            remains after folding.
+    """
+    inference = inference_function(model)
+    if fold:
+        model = fold_for_inference(model)
+        left = [name for name, m in model.named_modules() if isinstance(m, (WSConv2d, BatchChannelNorm2d))]
+        if left:
+            raise ExportError(
+                f"{len(left)} WS / BCN layers did not fold into plain layers ({', '.join(left[:3])}): a BCN "
+                "without running statistics has no inference form to export"
+            )
+    return TracingAdapter(model.eval(), [{"image": image}], inference).eval()
+
+
+def onnx_op_types(model_proto) -> Dict[str, set]:
+    """Op types of an ONNX model by domain ("" is the standard ONNX domain), subgraphs included."""
+    ops: Dict[str, set] = {}
+
+    def visit(graph) -> None:
+        for node in graph.node:
+            ops.setdefault(node.domain, set()).add(node.op_type)
+            for attribute in node.attribute:  # If / Loop bodies
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    visit(subgraph)
+
+    visit(model_proto.graph)
+    return ops
+
+
+def export(adapter: TracingAdapter, image: torch.Tensor, fmt: str, output_dir: str) -> str:
+    """Trace ``adapter`` on ``image`` and write it as ``fmt`` (:data:`EXPORT_FORMATS`) into ``output_dir``,
+    atomically; returns the file's path."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, EXPORT_FORMATS[fmt])
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        if fmt == "onnx":
+            torch.onnx.export(adapter, (image,), buffer, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"])
+        else:
+            torch.jit.save(torch.jit.trace(adapter, (image,)), buffer)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
+
+
+def load_exported(path: str) -> Callable[[torch.Tensor], Sequence[torch.Tensor]]:
+    """The exported model at ``path`` as ``image -> flattened outputs``: onnxruntime's CPU session for
+    ``.onnx``, ``torch.jit.load`` for ``.ts``."""
+    if path.endswith(".onnx"):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda image: [torch.from_numpy(o) for o in session.run(None, {"image": image.numpy()})]
+    module = torch.jit.load(path)
+    return lambda image: module(image)
+
+
+@dataclass
+class DetectionDifference:
+    """How far two sets of detections of one image are apart."""
+
+    counts: tuple
+    """Detections in each."""
+    boxes: float = 0.0
+    scores: float = 0.0
+    classes: int = 0
+    """Detections whose class differs."""
+    masks: float = 0.0
+
+    @property
+    def same_detections(self) -> bool:
+        return self.counts[0] == self.counts[1] and self.classes == 0
+
+
+def _fields(instances: Instances) -> Dict[str, torch.Tensor]:
+    fields = {name: value.tensor if isinstance(value, Boxes) else value for name, value in instances.get_fields().items()}
+    return {name: value.detach().float() if value.is_floating_point() else value for name, value in fields.items()}
+
+
+def compare_detections(adapter: TracingAdapter, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> DetectionDifference:
+    """Max absolute differences of boxes, scores and masks, and class disagreements, between two flattened
+    outputs of ``adapter`` (e.g. an exported model's and PyTorch's)."""
+    a, b = (_fields(adapter.outputs_schema(list(o))[0]["instances"]) for o in (got, expected))
+    diff = DetectionDifference(counts=(len(a["scores"]), len(b["scores"])))
+    if not diff.counts[0] == diff.counts[1]:
+        return diff
+    diff.boxes = (a["pred_boxes"] - b["pred_boxes"]).abs().max().item() if diff.counts[0] else 0.0
+    diff.scores = (a["scores"] - b["scores"]).abs().max().item() if diff.counts[0] else 0.0
+    diff.classes = int((a["pred_classes"] != b["pred_classes"]).sum())
+    if "pred_masks" in a and diff.counts[0]:
+        diff.masks = (a["pred_masks"] - b["pred_masks"]).abs().max().item()
+    return diff
