@@ -4,6 +4,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+# tools/_startup.py, which every tool imports first (as a script, tools/ is on its path)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 
 def _has_cuda() -> bool:

@@ -33,6 +33,7 @@ process's CPU time) gives much steadier ratios than wall-clock time.
 On a GPU, ``make gpu-check`` runs it at 800 and 1333 px with 2 images per step,
 in float32 and bfloat16 (tools/gpu_check.sh).
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import contextlib
 import argparse
 import json

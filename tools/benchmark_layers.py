@@ -27,6 +27,7 @@ usual, arithmetic included.
     .venv/bin/python tools/benchmark_layers.py --device cuda
     .venv/bin/python tools/benchmark_layers.py --stub-kernels --shapes "tiny 2x256x8x8"
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import contextlib
 import statistics

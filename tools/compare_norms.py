@@ -18,6 +18,7 @@ metrics.json, checkpoints); ``--reuse`` keeps a finished run whose full config i
     nice -n 10 .venv/bin/python tools/compare_norms.py --seeds 0 1 --jobs 2
     nice -n 10 .venv/bin/python tools/compare_norms.py --update-rates 0 0.01 0.05 0.1 0.3 --jobs 2
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import json
 import os

@@ -12,6 +12,7 @@ JIT would assume for its pointers and integers. Run it without ``TRITON_INTERPRE
 
     .venv/bin/python tools/compile_kernels.py --arch 90 80
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import os
 import sys

@@ -12,6 +12,7 @@ is meant for MODEL.WEIGHTS with the plugin's backbones; it records the input
 format and WS form the weights expect, and the config values they need are printed.
 """
 
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import shlex
 import sys

@@ -14,6 +14,7 @@ its detections compared with the folded and the unfolded PyTorch model's. Sample
 set, resized as detectron2's DefaultPredictor does. The exported graph expects
 inputs of the first sample's size.
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import statistics
 import sys

@@ -7,6 +7,7 @@ and trailing ``path.to.key=value`` overrides. WS models name
 :func:`wsbcn_d2.modeling.build_ws_model` as the model's ``_target_``, e.g.
 configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.py.
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import logging
 
 from detectron2.config import LazyConfig, instantiate

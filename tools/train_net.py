@@ -5,6 +5,7 @@ Same flags as detectron2's tools/train_net.py, plus ``--register-coco NAME
 JSON_FILE IMAGE_ROOT`` (repeatable) to use any COCO-format dataset by name.
 Datasets with RLE masks switch INPUT.MASK_FORMAT to "bitmask" automatically.
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import logging
 
 import detectron2.utils.comm as comm

@@ -7,6 +7,7 @@
 Uses the config's first test dataset unless --dataset is given; trailing
 KEY VALUE pairs override the config (e.g. MODEL.WEIGHTS out/model_final.pth).
 """
+import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
 import os
 
