@@ -36,6 +36,9 @@ def test_lazyconfig_builds_bcn_ws_model():
     normed = {n for n, m in model.named_modules() if isinstance(m, Conv2d) and m.norm is not None}
     assert ws == normed and len(ws) == 53 + 8 + 4 + 4  # R-50, FPN, 4conv1fc box head, mask head
     assert all(isinstance(model.get_submodule(n).norm, BatchChannelNorm2d) for n in ws)
+    convs = [model.get_submodule(n) for n in ws]
+    assert {(c.form, c.eps) for c in convs} == {("var+eps", 1e-5)}  # the official BCN+WS backbones' WS
+    assert len({id(c.ws_group) for c in convs}) == 1  # one WS group for the whole model
     assert not model.backbone.bottom_up.stem.conv1.weight.requires_grad  # freeze_at 2
     assert not isinstance(model.proposal_generator.rpn_head.conv, WSConv2d)
     assert type(model.backbone.bottom_up.res3[0]).__name__ == "ConvReLUBottleneckBlock"  # as the YAML configs'
