@@ -133,7 +133,7 @@ def export(adapter: TracingAdapter, image: torch.Tensor, fmt: str, output_dir: s
 
 
 def load_exported(path: str) -> Callable[[torch.Tensor], Sequence[torch.Tensor]]:
-    """The exported model at ``path`` as ``image -> flattened outputs``: onnxruntime's CPU session for
+    """The exported model at ``path`` as ``image -> flattened outputs``: an onnxruntime InferenceSession (CPU) for
     ``.onnx``, ``torch.jit.load`` for ``.ts``."""
     if path.endswith(".onnx"):
         import onnxruntime

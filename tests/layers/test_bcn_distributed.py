@@ -36,7 +36,7 @@ def worker(out_dir: str) -> None:
 
 
 def test_statistics_are_reduced_across_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU workers even on a GPU machine (launch() wants 2 GPUs there)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU workers even where GPUs are visible (launch() wants 2 GPUs there)
     launch(worker, 2, dist_url="tcp://127.0.0.1:29517", args=(str(tmp_path),))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for estimate in (True, False):

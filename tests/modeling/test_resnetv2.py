@@ -1,4 +1,6 @@
 """The BiT ResNetV2 backbones: configs, a training step of a narrow Mask R-CNN, norms, freezing."""
+import copy
+
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
@@ -8,7 +10,7 @@ from torch import nn
 
 from helpers import load_config, synthetic_batch
 from wsbcn_d2.config import validate_wsbcn_config
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
 
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_BiT_R50x1_FPN_2x_gn_ws.yaml"
 NARROW = [  # a ResNetV2-50 at a quarter of BiT's width (stem 16, res2-res5 64-512), small heads
@@ -97,3 +99,37 @@ def test_bad_resnetv2_values_name_their_key(opts, message):
     with pytest.raises(ValueError) as error:
         validate_wsbcn_config(load_config(MASK_RCNN, *opts))
     assert message in str(error.value)
+
+
+@pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreted kernels run on CPU tensors")
+def test_bcn_resnetv2_through_the_kernels_matches_torch_code(monkeypatch):
+    """The CUDA fast path where it applies (the WS group, BCN's kernels with the pre-activation ReLUs
+    fused), run by Triton's interpreter: as close to a float64 step of the torch code as the float32
+    torch code is (measured: at most 1.7x its relative error, about 3e-5)."""
+    cfg = load_config(MASK_RCNN, *NARROW, "MODEL.RESNETV2.NORM", "BCN", "MODEL.RESNETV2.OUT_FEATURES", ["res2", "res3"])
+    cfg.MODEL.BACKBONE.NAME = "build_ws_resnetv2_backbone"
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    reference, reference64 = copy.deepcopy(backbone), copy.deepcopy(backbone).double()
+    x = torch.randn(2, 3, 32, 48)
+
+    def step(model, x):
+        outputs = model(x)
+        sum((o * torch.cos(o)).sum() for o in outputs.values()).backward()
+        return {**outputs, **{n: p.grad for n, p in model.named_parameters()}}
+
+    with monkeypatch.context() as m:
+        m.setattr(triton_kernels, "use_triton", lambda t: t.dtype in triton_kernels._KERNEL_DTYPES)
+        got = step(backbone, x)
+    expected, expected64 = step(reference, x), step(reference64, x.double())
+
+    def error(values, name):
+        return ((values[name].double() - expected64[name]).norm() / expected64[name].norm()).item()
+
+    assert len(expected64) == 2 + sum(1 for _ in backbone.parameters())
+    for name in expected64:
+        assert error(got, name) <= 3 * error(expected, name) + 1e-6, name
+    for mod, ref in zip(backbone.modules(), reference.modules()):
+        if isinstance(mod, BatchChannelNorm2d):
+            torch.testing.assert_close(mod.batch_norm.running_mean, ref.batch_norm.running_mean, rtol=1e-5, atol=1e-6)

@@ -571,7 +571,7 @@ def _launch_hooks() -> Tuple[Optional[Callable], Optional[Callable]]:
 
     Triton's launchers call a hook unless it is None; older Triton releases hold None or a plain
     callable, newer ones a chain (``HookChain``, with a ``calls`` list), never None but usually
-    empty: so 3.6 (the GPU machine's, checked in its wheel) and 3.8 (this project's venv).
+    empty: so 3.6 and 3.8 (checked in their wheels).
     """
     hooks = triton.knobs.runtime
     enter_hook, exit_hook = hooks.launch_enter_hook, hooks.launch_exit_hook
