@@ -133,13 +133,13 @@ def export(adapter: TracingAdapter, image: torch.Tensor, fmt: str, output_dir: s
 
 
 def load_exported(path: str) -> Callable[[torch.Tensor], Sequence[torch.Tensor]]:
-    """The exported model at ``path`` as ``image -> flattened outputs``: an onnxruntime InferenceSession (CPU) for
-    ``.onnx``, ``torch.jit.load`` for ``.ts``."""
+    """The exported model at ``path`` as ``image -> flattened outputs``: onnxruntime (CPU) for ``.onnx``,
+    ``torch.jit.load`` for ``.ts``."""
     if path.endswith(".onnx"):
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return lambda image: [torch.from_numpy(o) for o in session.run(None, {"image": image.numpy()})]
+        ort_model = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda image: [torch.from_numpy(o) for o in ort_model.run(None, {"image": image.numpy()})]
     module = torch.jit.load(path)
     return lambda image: module(image)
 
