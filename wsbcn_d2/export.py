@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
+import onnxruntime
 import torch
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN, PanopticFPN, RetinaNet
@@ -136,8 +136,6 @@ def load_exported(path: str) -> Callable[[torch.Tensor], Sequence[torch.Tensor]]
     """The exported model at ``path`` as ``image -> flattened outputs``: onnxruntime (CPU) for ``.onnx``,
     ``torch.jit.load`` for ``.ts``."""
     if path.endswith(".onnx"):
-        import onnxruntime
-
         ort_model = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         return lambda image: [torch.from_numpy(o) for o in ort_model.run(None, {"image": image.numpy()})]
     module = torch.jit.load(path)
