@@ -68,6 +68,12 @@ SMALL = [  # overrides for small, untrained R-18 variants of the configs (any me
     "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
 ]  # fmt: skip
 
+BIT_NARROW = [  # a BiT ResNetV2-50 at a quarter of its width (stem 16, res2-res5 64-512), small heads
+    "MODEL.RESNETV2.WIDTH_FACTOR", 0.25, "MODEL.GN.NUM_GROUPS", 8, "MODEL.BCN.NUM_GROUPS", 8,
+    "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.ROI_BOX_HEAD.CONV_DIM", 64, "MODEL.ROI_BOX_HEAD.FC_DIM", 128,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 64, "MODEL.BACKBONE.FREEZE_AT", 0,
+]  # fmt: skip
+
 
 def randomize_norms_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random BCN estimates and affines, and WS filters off-centre (which WS removes), in place, so that

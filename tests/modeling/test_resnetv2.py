@@ -8,16 +8,12 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from helpers import BIT_NARROW as NARROW
 from helpers import load_config, synthetic_batch
 from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
 
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_BiT_R50x1_FPN_2x_gn_ws.yaml"
-NARROW = [  # a ResNetV2-50 at a quarter of BiT's width (stem 16, res2-res5 64-512), small heads
-    "MODEL.RESNETV2.WIDTH_FACTOR", 0.25, "MODEL.GN.NUM_GROUPS", 8, "MODEL.BCN.NUM_GROUPS", 8,
-    "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.ROI_BOX_HEAD.CONV_DIM", 64, "MODEL.ROI_BOX_HEAD.FC_DIM", 128,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 64, "MODEL.BACKBONE.FREEZE_AT", 0,
-]  # fmt: skip
 
 
 @pytest.mark.parametrize(

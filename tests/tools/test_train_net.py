@@ -1,6 +1,8 @@
 """tools/train_net.py end to end on a tiny generated COCO-format dataset, then --eval-only."""
+import functools
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import sys
 import pytest
 
 from helpers import DEMO_CONFIG as CONFIG
-from helpers import REPO, TINY
+from helpers import BIT_NARROW, REPO, TINY
 from wsbcn_d2.data import generate_shapes_dataset
 
 
@@ -56,3 +58,34 @@ def test_missing_annotation_file_is_named(tmp_path):
     run = train_net("--config-file", CONFIG, "--register-coco", "x", str(missing), str(tmp_path))
     assert run.returncode != 0
     assert str(missing) in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bit_backbone_converted_from_timm_trains(tiny_dataset, tmp_path):
+    """The BiT workflow: timm weights (a quarter-width ResNetV2-50 with 8-group GN) -> convert_pretrained.py
+    -> tools/train_net.py on the BiT Mask R-CNN config, the backbone loaded whole."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    source = timm.models.resnetv2.ResNetV2(
+        [3, 4, 6, 3], width_factor=0.25, stem_type="fixed",
+        conv_layer=functools.partial(timm.layers.StdConv2d, eps=1e-8),
+        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=8),
+    )  # fmt: skip
+    weights, converted = tmp_path / "model.safetensors", tmp_path / "pretrained" / "bit.pkl"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_pretrained.py"), str(weights), str(converted)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert run.returncode == 0 and "ResNetV2-50x0.25" in run.stdout, run.stdout + run.stderr
+    json_file, image_root = tiny_dataset
+    out = tmp_path / "out"
+    run = train_net(
+        "--config-file", os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_BiT_R50x1_FPN_2x_gn_ws.yaml"),
+        "--register-coco", "tiny", json_file, image_root, *TINY, *map(str, BIT_NARROW), "MODEL.DEVICE", "cpu",
+        "MODEL.WEIGHTS", str(converted), "DATASETS.TRAIN", '("tiny",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
+        "OUTPUT_DIR", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert metrics[-1]["iteration"] == 1 and all(math.isfinite(m["total_loss"]) for m in metrics)

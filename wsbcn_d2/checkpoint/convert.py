@@ -316,8 +316,12 @@ def _expected_shapes(overrides: Mapping[str, Any], backbone_name: str) -> Dict[s
     cfg.MODEL.BACKBONE.NAME = backbone_name
     cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.RESNETV2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    with torch.device("meta"):
-        backbone = BACKBONE_REGISTRY.get(backbone_name)(cfg, ShapeSpec(channels=3))
+    cfg.MODEL.GN.NUM_GROUPS = 1  # a GroupNorm's parameters are per channel whatever its groups (not in the file)
+    try:
+        with torch.device("meta"):
+            backbone = BACKBONE_REGISTRY.get(backbone_name)(cfg, ShapeSpec(channels=3))
+    except ValueError as e:
+        raise ConversionError(f"the weights imply a backbone the plugin cannot build: {e}") from e
     return {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
 
 
