@@ -98,8 +98,8 @@ def _run_launchers(dtype: torch.dtype) -> None:
     row_start = torch.tensor([0, 700, 1400] + [2100 + 9 * i for i in range(8)], dtype=torch.int64)
     row_len = torch.tensor([700] * 3 + [9] * 8, dtype=torch.int32)
     for form in WS_FORMS.values():  # each form is a compile-time choice
-        w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5, *form[:2])
-        triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, root, row_start, row_len, 1e-5, *form[:2])
+        w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5, *form)
+        triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, root, row_start, row_len, 1e-5, *form)
     # BCN, 32 groups: 1 to 128 channels per group (and 3), maps from 1x1 to more than a block, RoI heads
     shapes = [(2, 32, 1, 1), (2, 64, 50, 68), (2, 96, 5, 5), (2, 128, 25, 34), (2, 256, 13, 17), (2, 512, 7, 7),
               (2, 1024, 4, 4), (2, 2048, 2, 2), (2, 4096, 3, 3), (300, 256, 14, 14)]  # fmt: skip

@@ -131,14 +131,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.format == "onnx":
         ops = onnx_op_types(onnx.load(path))
         custom = {domain: sorted(types) for domain, types in ops.items() if domain not in ("", "ai.onnx")}
-        print(f"ONNX opset {ONNX_OPSET}, {len(ops.get('', ()))} standard op types: {', '.join(sorted(ops.get('', ())))}")
+        standard = sorted(ops.get("", ()))
+        print(f"ONNX opset {ONNX_OPSET}, {len(standard)} standard op types: {', '.join(standard)}")
         print(f"custom ops: {custom or 'none'}")
     runtime = "onnxruntime" if args.format == "onnx" else "TorchScript"
     rows = []
     with torch.no_grad():
         for i, image in enumerate(images):
             if image.shape != images[0].shape:
-                print(f"sample {i}: {tuple(image.shape[1:])} differs from the traced {tuple(images[0].shape[1:])}: skipped")
+                size, traced = tuple(image.shape[1:]), tuple(images[0].shape[1:])
+                print(f"sample {i}: {size} differs from the traced {traced}: skipped")
                 continue
             folded_out = adapter(image)
             rows.append((f"sample {i}: {runtime} vs folded", compare_detections(adapter, exported(image), folded_out)))
@@ -149,7 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             exported_ms = median_ms(exported, images[0], args.time)
             folded_ms = median_ms(adapter, images[0], args.time)
         print(
-            f"inference on {tuple(images[0].shape[1:])}, median of {args.time} runs, {torch.get_num_threads()} threads: "
+            f"inference on {tuple(images[0].shape[1:])}, median of {args.time} runs, "
+            f"{torch.get_num_threads()} threads: "
             f"{runtime} {exported_ms:.1f} ms, PyTorch folded {folded_ms:.1f} ms, ratio {exported_ms / folded_ms:.3f}"
         )
     return 0

@@ -154,26 +154,24 @@ class DetectionDifference:
     """Detections whose class differs."""
     masks: float = 0.0
 
-    @property
-    def same_detections(self) -> bool:
-        return self.counts[0] == self.counts[1] and self.classes == 0
-
 
 def _fields(instances: Instances) -> Dict[str, torch.Tensor]:
-    fields = {name: value.tensor if isinstance(value, Boxes) else value for name, value in instances.get_fields().items()}
-    return {name: value.detach().float() if value.is_floating_point() else value for name, value in fields.items()}
+    fields = {k: v.tensor if isinstance(v, Boxes) else v for k, v in instances.get_fields().items()}
+    return {k: v.detach().float() if v.is_floating_point() else v for k, v in fields.items()}
 
 
-def compare_detections(adapter: TracingAdapter, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> DetectionDifference:
+def compare_detections(
+    adapter: TracingAdapter, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]
+) -> DetectionDifference:
     """Max absolute differences of boxes, scores and masks, and class disagreements, between two flattened
     outputs of ``adapter`` (e.g. an exported model's and PyTorch's)."""
     a, b = (_fields(adapter.outputs_schema(list(o))[0]["instances"]) for o in (got, expected))
     diff = DetectionDifference(counts=(len(a["scores"]), len(b["scores"])))
-    if not diff.counts[0] == diff.counts[1]:
+    if diff.counts[0] != diff.counts[1] or not diff.counts[0]:
         return diff
-    diff.boxes = (a["pred_boxes"] - b["pred_boxes"]).abs().max().item() if diff.counts[0] else 0.0
-    diff.scores = (a["scores"] - b["scores"]).abs().max().item() if diff.counts[0] else 0.0
+    diff.boxes = (a["pred_boxes"] - b["pred_boxes"]).abs().max().item()
+    diff.scores = (a["scores"] - b["scores"]).abs().max().item()
     diff.classes = int((a["pred_classes"] != b["pred_classes"]).sum())
-    if "pred_masks" in a and diff.counts[0]:
+    if "pred_masks" in a:
         diff.masks = (a["pred_masks"] - b["pred_masks"]).abs().max().item()
     return diff

@@ -137,7 +137,9 @@ class WSBCNCheckpointer(DetectionCheckpointer):
         """Raise unless the backbone's WS convs standardize with the checkpoint's ``form`` and ``eps``."""
         prefix = _pretrained_prefix(self.model)
         model_forms = {
-            (m.form, m.eps) for name, m in self.model.named_modules() if f"{name}.".startswith(prefix) and isinstance(m, WSConv2d)
+            (m.form, m.eps)
+            for name, m in self.model.named_modules()
+            if isinstance(m, WSConv2d) and f"{name}.".startswith(prefix)
         }
         if form is None:
             if model_forms:

@@ -84,14 +84,18 @@ class Layout(NamedTuple):
     """The input normalization the weights were trained with (0-255 scale, RGB)."""
 
 
+_RESNETV2_LAYOUTS = ("timm", "bit")  # BiT's ResNetV2 as timm's state dict, or BiT's .npz
 LAYOUTS: Dict[str, Layout] = {
     "ws": Layout(norms=("GN", "BN"), ws_form="std+eps", ws_eps=1e-5),
     "bcn": Layout(norms=("BCN",), ws_form="var+eps", ws_eps=1e-5),
     "torchvision": Layout(norms=("GN", "BN"), ws_form=None),
-    "timm": Layout(norms=("GN",), ws_form="biased_var+eps", ws_eps=1e-8, pixel_mean=BIT_PIXEL_MEAN, pixel_std=BIT_PIXEL_STD),
-    "bit": Layout(norms=("GN",), ws_form="biased_var+eps", ws_eps=1e-8, pixel_mean=BIT_PIXEL_MEAN, pixel_std=BIT_PIXEL_STD),
+    **{
+        name: Layout(
+            norms=("GN",), ws_form="biased_var+eps", ws_eps=1e-8, pixel_mean=BIT_PIXEL_MEAN, pixel_std=BIT_PIXEL_STD
+        )
+        for name in _RESNETV2_LAYOUTS
+    },
 }
-_RESNETV2_LAYOUTS = ("timm", "bit")
 _AUTO_LAYOUT = {"GN": "ws", "BCN": "bcn", "BN": "torchvision"}
 """The layout auto-detection picks for each norm family."""
 
@@ -180,9 +184,8 @@ class ConversionResult:
         overrides = {**self.backbone_config, "MODEL.WS.ENABLED": self.ws}
         if self.ws:
             overrides.update({"MODEL.WS.FORM": self.ws_form, "MODEL.WS.EPS": self.ws_eps})
-        overrides.update(
-            {"MODEL.PIXEL_MEAN": list(layout.pixel_mean), "MODEL.PIXEL_STD": list(layout.pixel_std), "INPUT.FORMAT": INPUT_FORMAT}
-        )
+        overrides["MODEL.PIXEL_MEAN"], overrides["MODEL.PIXEL_STD"] = list(layout.pixel_mean), list(layout.pixel_std)
+        overrides["INPUT.FORMAT"] = INPUT_FORMAT
         return overrides
 
     def checkpoint(self) -> Dict[str, Any]:
@@ -444,7 +447,8 @@ def convert_checkpoint(
     }
     if bcn_groups:
         backbone_config["MODEL.BCN.NUM_GROUPS"] = bcn_groups.pop()
-    arch = f"ResNet-{depth}" if (num_groups, width_per_group) == (1, 64) else f"ResNeXt-{depth} {num_groups}x{width_per_group}d"
+    resnext = (num_groups, width_per_group) != (1, 64)
+    arch = f"ResNeXt-{depth} {num_groups}x{width_per_group}d" if resnext else f"ResNet-{depth}"
     result = ConversionResult(model, layout, arch, family, backbone_config, unused, unmapped)
     expected = _expected_shapes(result.config_overrides(), "build_ws_resnet_backbone")
     for key in [k for k in model if k.endswith(_COUNTER) and k not in expected]:
@@ -476,7 +480,9 @@ def _convert_resnetv2(
     except ValueError as e:
         raise ConversionError(str(e)) from e
     if expect_depth is not None and expect_depth != depth:
-        raise ConversionError(f"depth mismatch: the checkpoint is a ResNetV2-{depth}, but depth {expect_depth} was asked")
+        raise ConversionError(
+            f"depth mismatch: the checkpoint is a ResNetV2-{depth}, but depth {expect_depth} was asked"
+        )
     backbone_config = {"MODEL.RESNETV2.DEPTH": depth, "MODEL.RESNETV2.WIDTH_FACTOR": width, "MODEL.RESNETV2.NORM": "GN"}
     result = ConversionResult(
         {k: _to_numpy(v) for k, v in model.items()},

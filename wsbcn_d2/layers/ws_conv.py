@@ -50,16 +50,14 @@ class WSForm(NamedTuple):
     """``d = n - 1`` (unbiased) or ``n`` (biased) over a filter's ``n`` weights."""
     eps_in_root: bool
     """eps inside the square root (``eps_in``) or added to it (``eps_out``)."""
-    source: str
-    """Whose weights were trained with this form."""
 
 
 WS_FORMS: Dict[str, WSForm] = {
-    "std+eps": WSForm(True, False, "the WS repository, its detection fork, mmcv's ConvWS (mmdetection)"),
-    "var+eps": WSForm(True, True, "the BCN repository's ImageNet models (rn50_bcn_ws.pth ...)"),
-    "biased_var+eps": WSForm(False, True, "timm's StdConv2d (BiT / ResNetV2)"),
+    "std+eps": WSForm(unbiased=True, eps_in_root=False),  # the WS repository, its detection fork, mmcv
+    "var+eps": WSForm(unbiased=True, eps_in_root=True),  # the BCN repository's ImageNet models
+    "biased_var+eps": WSForm(unbiased=False, eps_in_root=True),  # timm's StdConv2d (BiT)
 }
-"""WS form name -> what it computes and whose weights use it (see the module docstring)."""
+"""WS form name -> what it computes (see the module docstring for whose weights use it)."""
 
 
 def check_ws_form(form: str, eps: float) -> None:
@@ -85,7 +83,7 @@ class _Standardize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, eps: float, form: str) -> torch.Tensor:
-        unbiased, eps_in_root, _ = WS_FORMS[form]
+        unbiased, eps_in_root = WS_FORMS[form]
         d = w.shape[1] - 1 if unbiased else w.shape[1]
         # two-pass mean / norm: exact, and far faster on CPU than torch.var_mean's Welford loop
         w_hat = w - w.mean(dim=1, keepdim=True)
@@ -150,7 +148,7 @@ class _StandardizeGroup(torch.autograd.Function):
     def forward(ctx, row_start, row_len, eps: float, form: str, out_dtype, group_ref, token, *weights: torch.Tensor):
         # flatten / unflatten: torch's C++ loops (as DDP's buckets use), not one Python call per weight
         flat = _flatten_dense_tensors(weights)
-        unbiased, eps_in_root, _ = WS_FORMS[form]
+        unbiased, eps_in_root = WS_FORMS[form]
         w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, eps, unbiased, eps_in_root)
         ctx.save_for_backward(w_hat, root, row_start, row_len)
         ctx.form_args = (eps, unbiased, eps_in_root)
