@@ -16,7 +16,7 @@ from wsbcn_d2.data import generate_shapes_dataset
 
 # SIGKILLs the process in the middle of writing its first checkpoint
 KILLED_WHILE_SAVING = f"""
-import os, runpy, signal, torch
+import os, runpy, signal, sys, torch
 
 def save_half_then_die(obj, f, *args, **kwargs):
     f.write(b"PK half a checkpoint")
@@ -24,6 +24,7 @@ def save_half_then_die(obj, f, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = save_half_then_die
+sys.path.insert(0, os.path.dirname({TRAIN_NET!r}))  # as running the script puts its folder first
 runpy.run_path({TRAIN_NET!r}, run_name="__main__")
 """
 
