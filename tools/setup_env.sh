@@ -74,4 +74,6 @@ if ! "$PY" -m pip show -q wsbcn_d2 >/dev/null 2>&1; then
     echo "[setup] installing wsbcn_d2 (editable)"
     pip_install --no-deps --no-build-isolation -e .
 fi
-"$PY" -c "import detectron2, torch, wsbcn_d2; print('[setup] ok: torch', torch.__version__, '| detectron2', detectron2.__version__)"
+# (without detectron2's import-time torch.jit.script deprecation warnings, as tools/_startup.py)
+"$PY" -W 'ignore:`torch.jit.script` is deprecated:FutureWarning' \
+    -c "import detectron2, torch, wsbcn_d2; print('[setup] ok: torch', torch.__version__, '| detectron2', detectron2.__version__)"
