@@ -11,8 +11,8 @@ and written to DIR/model.onnx (opset 17, standard ONNX ops only) or DIR/model.ts
 The exported file is then run (onnxruntime, or torch.jit.load) on every sample and
 its detections compared with the folded and the unfolded PyTorch model's. Samples:
 --sample-image, else the first --num-samples images of the config's first test
-set, resized as detectron2's DefaultPredictor does. The exported graph expects
-inputs of the first sample's size.
+set, resized as detectron2's DefaultPredictor does. The exported graph takes images
+of any size.
 """
 import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import argparse
@@ -138,10 +138,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     with torch.no_grad():
         for i, image in enumerate(images):
-            if image.shape != images[0].shape:
-                size, traced = tuple(image.shape[1:]), tuple(images[0].shape[1:])
-                print(f"sample {i}: {size} differs from the traced {traced}: skipped")
-                continue
             folded_out = adapter(image)
             rows.append((f"sample {i}: {runtime} vs folded", compare_detections(adapter, exported(image), folded_out)))
             rows.append((f"sample {i}: folded vs unfolded", compare_detections(adapter, folded_out, unfolded(image))))

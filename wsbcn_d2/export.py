@@ -10,15 +10,16 @@ writes GroupNorm as its reshape + ``InstanceNormalization`` pattern at opset 17
 (chosen over ``GroupNormalization``, whose opset-18 version takes a per-group
 affine that opset 21 replaced, and which older runtimes and TensorRT lack).
 
-As detectron2's ``tools/deploy/export_model.py``: R-CNN models return their
-detections before the final resize to the original image (boxes in the network
-input's coordinates, masks as per-RoI probabilities); the exported graph is
-traced on one sample and expects inputs of that sample's size.
+As detectron2's ``tools/deploy/export_model.py``, models return their detections
+before the final resize to the original image: boxes in the network input's
+coordinates, masks (R-CNN) as per-RoI probabilities. The graph is traced on one
+sample; the ONNX graph takes images of any height and width (its input's
+dimensions 1 and 2 are dynamic), and so does the TorchScript one.
 """
 import io
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import onnxruntime
 import torch
@@ -58,12 +59,20 @@ def _rcnn_inference(model: GeneralizedRCNN, inputs: List[Dict[str, torch.Tensor]
     return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
 
 
-_INFERENCE: Dict[type, Optional[Callable]] = {GeneralizedRCNN: _rcnn_inference, RetinaNet: None}
-"""Meta-architecture -> its inference function for tracing (None: the model's own forward)."""
+def _retinanet_inference(model: RetinaNet, inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, Instances]]:
+    # RetinaNet's forward without its final resize (which would bake the traced size into the graph)
+    images = model.preprocess_image(inputs)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    return [{"instances": model.forward_inference(images, features, model.head(features))[0]}]
 
 
-def inference_function(model: nn.Module) -> Optional[Callable]:
-    """What :class:`TracingAdapter` calls to trace ``model`` (None: its forward).
+_INFERENCE: Dict[type, Callable] = {GeneralizedRCNN: _rcnn_inference, RetinaNet: _retinanet_inference}
+"""Meta-architecture -> its inference function for tracing."""
+
+
+def inference_function(model: nn.Module) -> Callable:
+    """What :class:`TracingAdapter` calls to trace ``model``.
 
     Raises:
         ExportError: the meta-architecture is not an R-CNN or RetinaNet.
@@ -124,7 +133,10 @@ def export(adapter: TracingAdapter, image: torch.Tensor, fmt: str, output_dir: s
     buffer = io.BytesIO()
     with torch.no_grad():
         if fmt == "onnx":
-            torch.onnx.export(adapter, (image,), buffer, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"])
+            torch.onnx.export(
+                adapter, (image,), buffer, opset_version=ONNX_OPSET, dynamo=False, input_names=["image"],
+                dynamic_axes={"image": {1: "height", 2: "width"}},
+            )  # fmt: skip
         else:
             torch.jit.save(torch.jit.trace(adapter, (image,)), buffer)
     with atomic_write(path, "wb") as f:
