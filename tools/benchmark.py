@@ -55,7 +55,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from wsbcn_d2 import add_wsbcn_config, fold_for_inference
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
+from wsbcn_d2.cuda import dispatch
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_R_50_FPN_2x_gn_ws.yaml")
@@ -434,7 +435,7 @@ def main(argv: Sequence[str] = None) -> Dict:
         "opts": args.opts,
         "images": args.images,
         "precision": "bfloat16 autocast" if args.amp else "float32",
-        "kernels": "triton" if triton_kernels.use_triton(torch.zeros(1, device=args.device)) else "torch",
+        "kernels": "triton" if dispatch.use_kernels(torch.zeros(1, device=args.device)) else "torch",
         "reps": args.reps,
         "warmup": args.warmup,
         "timer": args.timer,

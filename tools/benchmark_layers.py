@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wsbcn_d2.layers import BatchChannelNorm2d, triton_kernels
+from wsbcn_d2.cuda import batch_channel_norm, bcn_kernels, dispatch, enable_fast_path, launcher
+from wsbcn_d2.layers import BatchChannelNorm2d
 
 SHAPES: Dict[str, Tuple[int, int, int, int]] = {
     "tiny 2x256x8x8": (2, 256, 8, 8),
@@ -56,13 +57,13 @@ VARIANTS = {
     "GN+shortcut+ReLU": "GN+shortcut+ReLU", "BCN+shortcut+ReLU": "GN+shortcut+ReLU",
 }  # fmt: skip
 """Each layer and the layer its ratios are taken against: a norm, a norm and the ReLU after it
-(detectron2's ``F.relu_`` after group norm; BCN's fused ``relu=True``), or a block's end
-``relu(norm(x) + x)`` (detectron2's ``out += shortcut``, ``F.relu_``; BCN's ``residual=x, relu=True``)."""
+(detectron2's ``F.relu_`` after group norm; BCN's fused ReLU), or a block's end ``relu(norm(x) + x)``
+(detectron2's ``out += shortcut``, ``F.relu_``; BCN's fused addition and ReLU: ``wsbcn_d2.cuda.batch_channel_norm``)."""
 
 
 class _NormThen(nn.Module):
     """A norm with the ReLU (``relu``) after it and the input added before (``shortcut``): detectron2's ops
-    after a group norm, the norm's own arguments for BCN."""
+    after a group norm, :func:`~wsbcn_d2.cuda.batch_channel_norm` for BCN."""
 
     def __init__(self, norm: nn.Module, relu: bool, shortcut: bool):
         super().__init__()
@@ -70,7 +71,7 @@ class _NormThen(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm, BatchChannelNorm2d):
-            return self.norm(x, residual=x if self.shortcut else None, relu=self.relu)
+            return batch_channel_norm(self.norm, x, x if self.shortcut else None, self.relu)
         out = self.norm(x)
         if self.shortcut:
             out += x
@@ -78,7 +79,7 @@ class _NormThen(nn.Module):
 
 
 def build_layer(variant: str, channels: int, device: str) -> nn.Module:
-    norm = nn.GroupNorm(32, channels) if variant.startswith("GN") else BatchChannelNorm2d(channels, 32)
+    norm = nn.GroupNorm(32, channels) if variant.startswith("GN") else enable_fast_path(BatchChannelNorm2d(channels, 32))
     if "+" in variant:
         norm = _NormThen(norm, relu=variant.endswith("ReLU"), shortcut="shortcut" in variant)
     return norm.to(device)  # BCN: micro-batch, training mode
@@ -116,8 +117,8 @@ class _NoOpCompiledKernel:
 
     name, function, packed_metadata, src = "no-op", None, None, None
     triton_launches = direct_launches = 0  # through kernel[grid](...), through the compiled kernel's launcher
-    if triton_kernels.triton is not None:
-        launch_metadata = triton_kernels.triton.compiler.CompiledKernel.launch_metadata
+    if launcher.triton is not None:
+        launch_metadata = launcher.triton.compiler.CompiledKernel.launch_metadata
 
     def _init_handles(self) -> None:
         pass
@@ -129,8 +130,8 @@ class _NoOpCompiledKernel:
 @contextlib.contextmanager
 def stubbed_kernels() -> Iterator[_NoOpCompiledKernel]:
     """BCN's CUDA code on CPU tensors, with no-op kernel launches; yields the kernel counting them."""
-    jit_function = triton_kernels.triton.runtime.jit.JITFunction
-    if not isinstance(triton_kernels._bcn_moments_kernel, jit_function):
+    jit_function = launcher.triton.runtime.jit.JITFunction
+    if not isinstance(bcn_kernels._bcn_moments_kernel, jit_function):
         raise RuntimeError("stubbed kernels need Triton's compiled-kernel launches: unset TRITON_INTERPRET")
     compiled = _NoOpCompiledKernel()
 
@@ -141,9 +142,9 @@ def stubbed_kernels() -> Iterator[_NoOpCompiledKernel]:
     with contextlib.ExitStack() as stack:
         for target, name, value in (
             (jit_function, "run", launch_through_triton),
-            (triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES),
-            (triton_kernels, "_stream_getter", lambda: lambda device: 0),
-            (triton_kernels, "_COMPILED", {}),
+            (dispatch, "use_kernels", lambda x: x.dtype in dispatch.KERNEL_DTYPES),
+            (launcher, "_stream_getter", lambda: lambda device: 0),
+            (launcher, "_COMPILED", {}),
         ):
             stack.enter_context(mock.patch.object(target, name, value))
         yield compiled
@@ -210,10 +211,10 @@ def main(argv: Sequence[str] = None) -> str:
     )
     parser.add_argument("--profile", action="store_true", help="also the torch profiler's table per layer")
     args = parser.parse_args(argv)
-    if args.stub_kernels and (args.device != "cpu" or triton_kernels.triton is None):
+    if args.stub_kernels and (args.device != "cpu" or launcher.triton is None):
         parser.error("--stub-kernels runs on CPU (--device cpu) and needs triton installed")
     with stubbed_kernels() if args.stub_kernels else contextlib.nullcontext():
-        kernels = "triton" if triton_kernels.use_triton(torch.zeros(1, device=args.device)) else "torch"
+        kernels = "triton" if dispatch.use_kernels(torch.zeros(1, device=args.device)) else "torch"
         stub = ", kernel launches stubbed" if args.stub_kernels else ""
         print(f"{args.device}, torch {torch.__version__}, BCN through the {kernels} code{stub}", flush=True)
         results = {name: measure(SHAPES[name], args.device, args.reps, args.calls) for name in args.shapes}

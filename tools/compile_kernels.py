@@ -2,8 +2,8 @@
 """Compile the Triton kernels for a CUDA GPU, without one, exactly as the launchers call them.
 
 CI runs the kernels through Triton's interpreter, which accepts some programs
-that Triton's compiler refuses. This runs the launchers of
-``wsbcn_d2/layers/triton_kernels.py`` (WS rows, BCN forward and backward) on
+that Triton's compiler refuses. This runs the host functions of
+``wsbcn_d2/cuda/ws_kernels.py`` and ``bcn_kernels.py`` (WS rows, BCN forward and backward) on
 small CPU tensors with every kernel launch recorded instead of run, then
 compiles each distinct recorded launch (argument types, constexprs, num_warps)
 ahead of time for the target architectures with Triton's compiler and ptxas,
@@ -21,8 +21,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from wsbcn_d2.layers import triton_kernels
+from wsbcn_d2.cuda import bcn_kernels, launcher, ws_kernels
 from wsbcn_d2.layers.ws_conv import WS_FORMS
+
+KERNEL_MODULES = (ws_kernels, bcn_kernels)
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                   torch.int32: "*i32"}  # fmt: skip
@@ -56,12 +58,17 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
     import triton
 
     launches: Dict[Launch, None] = {}
-    kernels = {n: k for n, k in vars(triton_kernels).items() if isinstance(k, triton.runtime.jit.JITFunction)}
+    kernels = {
+        name: (module, kernel)
+        for module in KERNEL_MODULES
+        for name, kernel in vars(module).items()
+        if name.endswith("_kernel") and isinstance(kernel, triton.runtime.jit.JITFunction)
+    }
 
     class Recorder:
         def __init__(self, name: str):
-            self.name, self.kernel = name, kernels[name]
-            self.fn = self.kernel.fn  # what triton_kernels._launch keys compiled kernels by
+            self.name, self.kernel = name, kernels[name][1]
+            self.fn = self.kernel.fn  # what launcher.launch keys compiled kernels by
 
         def __getitem__(self, grid):
             def record(*args, **kwargs):
@@ -77,18 +84,18 @@ def record_launches(x_dtypes: Sequence[torch.dtype]) -> List[Launch]:
 
             return record
 
-    saved = dict(kernels), triton_kernels._FUSED_GROUP_TILE
+    fused_group_tile = bcn_kernels._FUSED_GROUP_TILE
     try:
-        for name in kernels:
-            setattr(triton_kernels, name, Recorder(name))
-        for fused_tile in (saved[1], 0):  # BCN's fused kernels where they serve, then its per-group kernels
-            triton_kernels._FUSED_GROUP_TILE = fused_tile
+        for name, (module, _) in kernels.items():
+            setattr(module, name, Recorder(name))
+        for fused_tile in (fused_group_tile, 0):  # BCN's fused kernels where they serve, then its per-group kernels
+            bcn_kernels._FUSED_GROUP_TILE = fused_tile
             for dtype in x_dtypes:
                 _run_launchers(dtype)
     finally:
-        for name, kernel in saved[0].items():
-            setattr(triton_kernels, name, kernel)
-        triton_kernels._FUSED_GROUP_TILE = saved[1]
+        for name, (module, kernel) in kernels.items():
+            setattr(module, name, kernel)
+        bcn_kernels._FUSED_GROUP_TILE = fused_group_tile
     return list(launches)
 
 
@@ -98,8 +105,8 @@ def _run_launchers(dtype: torch.dtype) -> None:
     row_start = torch.tensor([0, 700, 1400] + [2100 + 9 * i for i in range(8)], dtype=torch.int64)
     row_len = torch.tensor([700] * 3 + [9] * 8, dtype=torch.int32)
     for form in WS_FORMS.values():  # each form is a compile-time choice
-        w_hat, root = triton_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5, *form)
-        triton_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, root, row_start, row_len, 1e-5, *form)
+        w_hat, root = ws_kernels.ws_rows_forward(flat, row_start, row_len, 1e-5, *form)
+        ws_kernels.ws_rows_backward(w_hat.to(dtype), w_hat, root, row_start, row_len, 1e-5, *form)
     # BCN, 32 groups: 1 to 128 channels per group (and 3), maps from 1x1 to more than a block, RoI heads
     shapes = [(2, 32, 1, 1), (2, 64, 50, 68), (2, 96, 5, 5), (2, 128, 25, 34), (2, 256, 13, 17), (2, 512, 7, 7),
               (2, 1024, 4, 4), (2, 2048, 2, 2), (2, 4096, 3, 3), (300, 256, 14, 14)]  # fmt: skip
@@ -114,11 +121,11 @@ def _run_launchers(dtype: torch.dtype) -> None:
             (0.1, dtype, None, False), (0.0, torch.float32, None, False), (0.1, dtype, None, True),
             (0.1, dtype, x, True),
         ]:  # fmt: skip
-            y, saved = triton_kernels.bcn_forward(
-                x, bn_weight, bn_bias, running_mean, running_var, gamma, beta, residual, 1e-5, 1e-5, update_rate,
+            y, saved = bcn_kernels.bcn_forward(
+                x, residual, bn_weight, bn_bias, running_mean, running_var, gamma, beta, 1e-5, 1e-5, update_rate,
                 None, out_dtype, relu,
             )  # fmt: skip
-            triton_kernels.bcn_backward(
+            bcn_kernels.bcn_backward(
                 y.to(dtype), saved, bn_weight, bn_bias, gamma, y if relu else None, residual is not None
             )
 
@@ -133,7 +140,7 @@ def compile_launch(launch: Launch, arch: int):
     name, signature, constexprs, options, divisible = launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     source = ASTSource(
-        fn=getattr(triton_kernels, name), signature=dict(signature), constexprs=dict(constexprs), attrs=attrs
+        fn=next(getattr(m, name) for m in KERNEL_MODULES if hasattr(m, name)), signature=dict(signature), constexprs=dict(constexprs), attrs=attrs
     )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    if triton_kernels.triton is None:
+    if launcher.triton is None:
         parser.error("triton is not installed")
     launches = record_launches([getattr(torch, d) for d in args.dtypes])
     # each launch with the JIT's divisibility assumptions, and each signature once without any

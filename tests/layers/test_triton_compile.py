@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from helpers import REPO
-from wsbcn_d2.layers import triton_kernels
+from wsbcn_d2.cuda import bcn_kernels, launcher, ws_kernels
 
 
-@pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile the kernels for it")
 def test_every_launch_compiles_for_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -33,4 +33,5 @@ def test_every_launch_compiles_for_cuda(tmp_path):
     cubins = [int(size) for size in re.findall(r"cubin (\d+) bytes", proc.stdout)]
     assert launches > 100 and len(cubins) == launches and min(cubins) > 0
     kernels = {name for name in re.findall(r"sm_\d+ (_\w+)\(", proc.stdout)}
-    assert kernels == {n for n in vars(triton_kernels) if n.endswith("_kernel")}  # every kernel is covered
+    every_kernel = {n for module in (ws_kernels, bcn_kernels) for n in vars(module) if n.endswith("_kernel")}
+    assert kernels == every_kernel  # every kernel is covered

@@ -14,10 +14,11 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import helpers
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, WSConvGroup, triton_kernels
+from wsbcn_d2.cuda import WSConvGroup, batch_channel_norm, bcn_kernels, dispatch, enable_fast_path, launcher, ws_group
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 from wsbcn_d2.layers.bcn import group_norm_output_dtype
 
-pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -26,12 +27,12 @@ def kernels(monkeypatch):
     """Route CPU tensors through the (interpreted) kernels; on CUDA they are the normal path."""
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1", "set by tests/conftest.py before triton is imported"
-        monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES)
-    assert triton_kernels.use_triton(torch.zeros(1, device=DEVICE))
+        monkeypatch.setattr(dispatch, "use_kernels", lambda x: x.dtype in dispatch.KERNEL_DTYPES)
+    assert dispatch.use_kernels(torch.zeros(1, device=DEVICE))
 
 
 def torch_path(monkeypatch):
-    monkeypatch.setattr(triton_kernels, "use_triton", lambda x: False)
+    monkeypatch.setattr(dispatch, "use_kernels", lambda x: False)
 
 
 # ---------------------------------------------------------------------------------------------- WS
@@ -91,13 +92,13 @@ def test_ws_group_needs_one_form():
 def test_ws_group_runs_one_kernel_per_pass(kernels, monkeypatch):
     calls = {"forward": 0, "backward": 0}
     for name in calls:
-        original = getattr(triton_kernels, f"ws_rows_{name}")
+        original = getattr(ws_group, f"ws_rows_{name}")
 
         def counted(*args, _name=name, _original=original):
             calls[_name] += 1
             return _original(*args)
 
-        monkeypatch.setattr(triton_kernels, f"ws_rows_{name}", counted)
+        monkeypatch.setattr(ws_group, f"ws_rows_{name}", counted)
     convs = ws_convs()
     WSConvGroup(convs)
     for _ in range(2):
@@ -216,7 +217,7 @@ def test_ws_group_under_ddp(kernels, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- BCN
 def randomized_bcn(channels: int, groups: int, estimate: bool = True, rate: float = 0.3) -> BatchChannelNorm2d:
-    return helpers.randomized_bcn(channels, groups, estimate, rate).to(DEVICE)
+    return enable_fast_path(helpers.randomized_bcn(channels, groups, estimate, rate).to(DEVICE))
 
 
 def bcn_state(module: BatchChannelNorm2d) -> dict:
@@ -241,14 +242,14 @@ BCN_SHAPES = [(1, 8, 5, 7, 4), (2, 12, 1, 1, 4), (2, 64, 9, 9, 2), (300, 16, 2, 
 
 
 BCN_PATHS = {"fused": 1 << 20, "group_kernels": 0}
-"""Values of triton_kernels._FUSED_GROUP_TILE that force each path: fused kernels, or per-group kernels."""
+"""Values of bcn_kernels._FUSED_GROUP_TILE that force each path: fused kernels, or per-group kernels."""
 
 
 @pytest.mark.parametrize("path", list(BCN_PATHS))
 @pytest.mark.parametrize("shape", BCN_SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["estimate", "estimate_eval", "frozen", "large_batch_eval"])
 def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode, path):
-    monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
+    monkeypatch.setattr(bcn_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
     n, c, h, w, groups = shape
     module = randomized_bcn(c, groups, estimate=mode != "large_batch_eval")
     if mode == "frozen":
@@ -291,7 +292,7 @@ def gradient_off_the_kink(module: BatchChannelNorm2d, x, z, grad, monkeypatch, m
 
 
 def fused_forward(module: BatchChannelNorm2d, relu: bool):
-    return lambda x, z: module(x, residual=z, relu=relu)
+    return lambda x, z: batch_channel_norm(module, x, z, relu)
 
 
 def separate_forward(module: BatchChannelNorm2d, relu: bool):
@@ -311,7 +312,7 @@ def separate_forward(module: BatchChannelNorm2d, relu: bool):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ops", ["relu", "residual", "residual, relu"])
 def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypatch, shape, training, path, ops):
-    monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
+    monkeypatch.setattr(bcn_kernels, "_FUSED_GROUP_TILE", BCN_PATHS[path])
     n, c, h, w, groups = shape
     relu, residual = "relu" in ops, "residual" in ops
     module = randomized_bcn(c, groups).train(training)
@@ -344,18 +345,18 @@ def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypat
             torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
     if not training:  # the inference path (no autograd function) too
         with torch.no_grad():
-            torch.testing.assert_close(module(x, residual=z, relu=relu), got[0], rtol=0, atol=0)
+            torch.testing.assert_close(batch_channel_norm(module, x, z, relu), got[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_bcn_fused_relu_equals_relu_after_the_kernels(kernels, monkeypatch, dtype):
     # the fused ReLU's mask is taken from the output as stored (rounded to its dtype), as torch.relu's backward
     for path in BCN_PATHS.values():
-        monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", path)
+        monkeypatch.setattr(bcn_kernels, "_FUSED_GROUP_TILE", path)
         fused, separate = randomized_bcn(16, 4), randomized_bcn(16, 4)
         x = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
         grad = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
-        got = run_bcn(fused, x, grad, lambda x: fused(x, relu=True))
+        got = run_bcn(fused, x, grad, lambda x: batch_channel_norm(fused, x, relu=True))
         expected = run_bcn(separate, x, grad, lambda x: torch.relu(separate(x)))
         for name, a, b in zip(BCN_GRADIENTS, got, expected):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
@@ -366,7 +367,7 @@ def test_bcn_fused_residual_relu_gradients_follow_the_stored_output(kernels, mon
     # relu(BCN(x) + z) is rounded once (the sum in float32); its gradient: dz = dy where the stored output
     # is > 0, and BCN's gradients are those of BCN alone given that dz
     for path in BCN_PATHS.values():
-        monkeypatch.setattr(triton_kernels, "_FUSED_GROUP_TILE", path)
+        monkeypatch.setattr(bcn_kernels, "_FUSED_GROUP_TILE", path)
         fused, separate = randomized_bcn(16, 4), randomized_bcn(16, 4)
         x, z, grad = (torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype) for _ in range(3))
         *got, d_residual = run_bcn_with_residual(fused, x, z, grad, fused_forward(fused, relu=True))
@@ -401,7 +402,7 @@ def test_bcn_residual_of_another_shape_is_an_error(kernels):
     module = randomized_bcn(8, 4)
     x = torch.randn(2, 8, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 8, 4, 4\), got \(1, 8, 1, 1\)"):
-        module(x, residual=torch.randn(1, 8, 1, 1, device=DEVICE), relu=True)
+        batch_channel_norm(module, x, torch.randn(1, 8, 1, 1, device=DEVICE), relu=True)
 
 
 @pytest.mark.parametrize("block_end", [False, True], ids=["bcn", "bcn_shortcut_relu"])
@@ -410,8 +411,8 @@ def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches, block_end):
     # micro-batches: moments + fused forward, sums + fused backward; RoI heads: per-group kernels between;
     # the same with a residual added and a ReLU (a ResNet block's end)
     counts = {"forward": 0, "backward": 0}
-    for name in [k for k in vars(triton_kernels) if k.startswith("_bcn_") and k.endswith("_kernel")]:
-        kernel = getattr(triton_kernels, name)
+    for name in [k for k in vars(bcn_kernels) if k.startswith("_bcn_") and k.endswith("_kernel")]:
+        kernel = getattr(bcn_kernels, name)
 
         class Counted:
             fn = kernel.fn
@@ -420,11 +421,11 @@ def test_bcn_launches_per_pass(kernels, monkeypatch, n, launches, block_end):
                 counts["backward" if backward_started else "forward"] += 1
                 return _kernel[grid]
 
-        monkeypatch.setattr(triton_kernels, name, Counted())
+        monkeypatch.setattr(bcn_kernels, name, Counted())
     module = randomized_bcn(16, 4)
     backward_started = False
     x, z = (torch.randn(n, 16, 3, 3, device=DEVICE, requires_grad=True) for _ in range(2))
-    out = module(x, residual=z, relu=True) if block_end else module(x)
+    out = batch_channel_norm(module, x, z, relu=True) if block_end else module(x)
     backward_started = True
     out.sum().backward()
     assert (counts["forward"], counts["backward"]) == launches
@@ -535,12 +536,12 @@ class FakeKernel:
 
 
 def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
-    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
-    monkeypatch.setattr(triton_kernels, "_stream_getter", lambda: lambda device: ("stream", device))
+    monkeypatch.setattr(launcher, "_COMPILED", {})
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(launcher, "_stream_getter", lambda: lambda device: ("stream", device))
     kernel = FakeKernel(["x", "n", "A", "B"], constexprs={"A", "B"})
     x = torch.zeros(3)
-    launch = functools.partial(triton_kernels._launch, kernel)
+    launch = functools.partial(launcher.launch, kernel)
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
     assert len(kernel.jit_launches) == 1 and not kernel.direct_launches
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "key")
@@ -551,7 +552,7 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     assert run_args[9] is x and run_args[10:] == (5, 64, True)  # after the two hooks: args, then constexprs
     # a profiler's hook: the launch metadata and Triton's hooks go to the launcher
     with monkeypatch.context() as m:
-        hooks = triton_kernels.triton.knobs.runtime
+        hooks = launcher.triton.knobs.runtime
         def hook(metadata):
             pass
 
@@ -567,10 +568,10 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)  # no key: always Triton's launch
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), None)
     assert len(kernel.jit_launches) == 5 and len(kernel.direct_launches) == 1
-    monkeypatch.setattr(triton_kernels, "_MAX_COMPILED", 3)  # full: starts over
-    assert len(triton_kernels._COMPILED) == 3
+    monkeypatch.setattr(launcher, "_MAX_COMPILED", 3)  # full: starts over
+    assert len(launcher._COMPILED) == 3
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
-    assert len(triton_kernels._COMPILED) == 1
+    assert len(launcher._COMPILED) == 1
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
     assert len(kernel.jit_launches) == 6 and len(kernel.direct_launches) == 2
     # a launcher that refuses the arguments (another Triton): Triton's launch, no direct launches from then on
@@ -579,12 +580,12 @@ def test_launch_reuses_the_compiled_kernel_per_key(monkeypatch):
 
     monkeypatch.setattr(kernel.compiled, "run", refuse)
     launch((4,), (x, 5), dict(A=64, B=True, num_warps=4), "fourth key")
-    assert len(kernel.jit_launches) == 7 and not triton_kernels._DIRECT_LAUNCH and not triton_kernels._COMPILED
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    assert len(kernel.jit_launches) == 7 and not launcher._DIRECT_LAUNCH and not launcher._COMPILED
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", True)
     # constexprs before a positional argument: the argument order is unknown, never launched directly
     odd = FakeKernel(["x", "A", "n"], constexprs={"A"})
     for _ in range(2):
-        triton_kernels._launch(odd, (1,), (x, 5), dict(A=2), "key")
+        launcher.launch(odd, (1,), (x, 5), dict(A=2), "key")
     assert len(odd.jit_launches) == 2 and not odd.direct_launches
 
 
@@ -601,12 +602,12 @@ def test_ws_direct_launches_equal_triton_launches(monkeypatch):
         sum((w * w.detach().cos()).sum() for w in weights).backward()
         return [w.detach() for w in weights] + [conv.weight.grad for conv in convs]
 
-    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", False)
+    monkeypatch.setattr(launcher, "_COMPILED", {})
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", False)
     expected = standardize_and_backward()
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", True)
     standardize_and_backward()
-    assert len(triton_kernels._COMPILED) == 2  # forward, backward
+    assert len(launcher._COMPILED) == 2  # forward, backward
     for got, want in zip(standardize_and_backward(), expected):
         assert torch.equal(got, want)
 
@@ -617,13 +618,13 @@ def test_bcn_direct_launches_equal_triton_launches(monkeypatch):
     module = randomized_bcn(64, 8).eval()
     x = torch.randn(2, 64, 9, 11, device=DEVICE, requires_grad=True)
     grad = torch.randn_like(x)
-    monkeypatch.setattr(triton_kernels, "_COMPILED", {})
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", False)
+    monkeypatch.setattr(launcher, "_COMPILED", {})
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", False)
     expected = run_bcn(module, x, grad)
-    assert not triton_kernels._COMPILED
-    monkeypatch.setattr(triton_kernels, "_DIRECT_LAUNCH", True)
+    assert not launcher._COMPILED
+    monkeypatch.setattr(launcher, "_DIRECT_LAUNCH", True)
     run_bcn(module, x, grad)  # compiles or finds each kernel through Triton, keeps it
-    assert len(triton_kernels._COMPILED) == 4  # moments + fused forward, sums + fused backward
+    assert len(launcher._COMPILED) == 4  # moments + fused forward, sums + fused backward
     for got, want in zip(run_bcn(module, x, grad), expected):
         assert torch.equal(got, want)
 

@@ -1,4 +1,4 @@
-"""WS-ResNet backbones at every depth and ResNeXt, their blocks' ReLUs in the convs, and config
+"""WS-ResNet backbones at every depth and ResNeXt, their blocks on the CUDA fast path, and config
 validation at build time."""
 import collections
 import copy
@@ -11,8 +11,12 @@ from torch import nn
 
 import helpers
 from helpers import load_config
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
-from wsbcn_d2.modeling import relus_into_convs, relus_out_of_convs, standardize_normed_convs
+from wsbcn_d2.cuda import WSConvGroup, bcn_function, disable_fast_path, dispatch, enable_fast_path, fast_path, ws_group
+from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d, WSConvBCNReLU
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
+from wsbcn_d2.modeling import standardize_normed_convs
+
+needs_fast_path = pytest.mark.skipif(not dispatch.ENABLED, reason="triton is not installed")
 
 BASE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
 
@@ -89,30 +93,38 @@ def block_results(model: nn.Module, x: torch.Tensor) -> list:
     return [out, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
 
 
+@needs_fast_path
 @pytest.mark.parametrize("code", ["torch", "kernels"])
 @pytest.mark.parametrize("norm", ["GN", "BCN", "BCN without WS"])
 @pytest.mark.parametrize("block", list(BLOCKS))
-def test_relus_into_convs_keeps_each_blocks_function(monkeypatch, block, norm, code):
+def test_fast_path_keeps_each_blocks_function(monkeypatch, block, norm, code):
     if code == "kernels":
-        if triton_kernels.triton is None:
-            pytest.skip("triton is not installed")
-        monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES)
+        monkeypatch.setattr(dispatch, "use_kernels", lambda x: x.dtype in dispatch.KERNEL_DTYPES)
     build, relu_convs = BLOCKS[block]
     torch.manual_seed(0)
     original = build((lambda c: nn.GroupNorm(4, c)) if norm == "GN" else (lambda c: helpers.randomized_bcn(c, 4)))
     if norm != "BCN without WS":
         standardize_normed_convs(original, eps=1e-5)
-    converted = relus_into_convs(copy.deepcopy(original))
+    layers_only = copy.deepcopy(original)
+    layer_types = [type(m) for m in original.modules()]
+    converted = enable_fast_path(copy.deepcopy(original))
+    # the same layer code on both sides, the layers' fast-path classes, which leave the blocks alone
+    if norm != "BCN without WS":
+        WSConvGroup([m for m in original.modules() if isinstance(m, WSConv2d)])
+    for m in original.modules():
+        if type(m) is BatchChannelNorm2d:
+            m.__class__ = KernelBatchChannelNorm2d
     # only where a WS conv's norm runs the ReLU itself (BCN); elsewhere the module call would only cost time
     fused = norm == "BCN"
     assert (type(converted) is not type(original)) == fused and isinstance(converted, type(original))
-    assert all((getattr(converted, name).activation is not None) == fused for name in relu_convs)
-    calls = []  # the norms' relu and residual arguments: a BCN carried by a WS conv applies the ReLU (and shortcut)
-    for name in relu_convs:
-        getattr(converted, name).norm.register_forward_pre_hook(
-            lambda m, args, kwargs: calls.append((kwargs.get("relu"), kwargs.get("residual") is not None)),
-            with_kwargs=True,
-        )
+    assert all(isinstance(getattr(converted, name), WSConvBCNReLU) == fused for name in relu_convs)
+    calls = []  # a BCN carried by a WS conv applies the ReLU (and the shortcut): batch_channel_norm's arguments
+
+    def recorded(bcn, x, residual=None, relu=False):
+        calls.append((relu, residual is not None))
+        return bcn_function.batch_channel_norm(bcn, x, residual, relu)
+
+    monkeypatch.setattr(fast_path, "batch_channel_norm", recorded)
 
     x = torch.randn(2, 3 if block == "stem" else 16, 12, 10)
     expected = block_results(original, x)
@@ -120,24 +132,28 @@ def test_relus_into_convs_keeps_each_blocks_function(monkeypatch, block, norm, c
     for a, b in zip(block_results(converted, x), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     shortcut_added = [block != "stem" and name == relu_convs[-1] for name in relu_convs]
-    assert calls == ([(True, s) for s in shortcut_added] if fused else [(None, False)] * len(relu_convs))
+    assert calls == ([(True, s) for s in shortcut_added] if fused else [])
 
-    # and back: detectron2's block, the same function
-    restored = relus_out_of_convs(converted)
-    assert type(restored) is type(original)
-    assert all(getattr(restored, name).activation is None for name in relu_convs)
-    for a, b in zip(block_results(restored, x), block_results(original, x)):
+    # and back: detectron2's block and the layers' classes, the same function
+    restored = disable_fast_path(converted)
+    assert [type(m) for m in restored.modules()] == layer_types
+    assert not any(hasattr(m, "ws_group") for m in restored.modules())
+    layers_only.load_state_dict(restored.state_dict())  # the estimates as updated by the kernels
+    for a, b in zip(block_results(restored, x), block_results(layers_only, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_ws_backbone_blocks_apply_their_relus_in_the_convs():
-    backbone = build_backbone(load_config(BASE)).bottom_up
-    blocks = [backbone.stem, *(block for stage in backbone.stages for block in stage)]
-    assert {type(b).__name__ for b in blocks} == {"ConvReLUBasicStem", "ConvReLUBottleneckBlock"}
+@needs_fast_path
+def test_ws_backbone_is_on_the_fast_path():
+    backbone = build_backbone(load_config(BASE))
+    blocks = [backbone.bottom_up.stem, *(block for stage in backbone.bottom_up.stages for block in stage)]
+    assert {type(b).__name__ for b in blocks} == {"_BasicStem", "_BottleneckBlock"}
     fused = [b.conv1 for b in blocks] + [conv for b in blocks[1:] for conv in (b.conv2, b.conv3)]
-    assert len(fused) == 1 + 16 * 3
-    assert all(isinstance(c, WSConv2d) and isinstance(c.norm, BatchChannelNorm2d) for c in fused)
-    assert all(isinstance(c.activation, nn.ReLU) for c in fused)
+    assert len(fused) == 1 + 16 * 3 and all(type(c) is WSConvBCNReLU for c in fused)
+    convs = [m for m in backbone.modules() if isinstance(m, WSConv2d)]
+    assert len(convs) == 1 + 16 * 3 + 4 + 8 and len({id(c.ws_group) for c in convs}) == 1  # bottom-up and FPN
+    norms = [m for m in backbone.modules() if isinstance(m, BatchChannelNorm2d)]
+    assert len(norms) == len(convs) and all(type(m) is KernelBatchChannelNorm2d for m in norms)
 
 
 def autograd_nodes(outputs) -> collections.Counter:
@@ -151,15 +167,14 @@ def autograd_nodes(outputs) -> collections.Counter:
     return collections.Counter(type(node).__name__ for node in seen)
 
 
+@needs_fast_path
 def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkeypatch):
     # the CUDA code's autograd graph of one training forward of the R-50-FPN backbones (FREEZE_AT 2), the
     # kernels' results replaced by zeros: the graph does not depend on their values
-    monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype == torch.float32)
+    monkeypatch.setattr(dispatch, "use_kernels", lambda x: x.dtype == torch.float32)
+    monkeypatch.setattr(bcn_function, "bcn_forward", lambda x, *args: (torch.zeros(x.shape), (x, torch.zeros(1))))
     monkeypatch.setattr(
-        triton_kernels, "bcn_forward", lambda x, *args: (torch.zeros(x.shape), (x, torch.zeros(1)))
-    )
-    monkeypatch.setattr(
-        triton_kernels, "ws_rows_forward", lambda flat, row_start, *args: (flat.float(), torch.ones(len(row_start)))
+        ws_group, "ws_rows_forward", lambda flat, row_start, *args: (flat.float(), torch.ones(len(row_start)))
     )
     nodes = {}
     for norm in ("gn", "bcn_ws"):
@@ -170,7 +185,7 @@ def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkey
     assert gn["ReluBackward0"] == trained_blocks * 3 and gn["NativeGroupNormBackward0"] == trained_norms
     # BCN+WS: one node per norm, the ReLUs and the blocks' additions inside them, one node for all of WS
     assert bcn["ReluBackward0"] == 0 and bcn["NativeGroupNormBackward0"] == 0
-    assert bcn["_TritonBCNBackward"] == trained_norms and bcn["_StandardizeGroupBackward"] == 1
+    assert bcn["_BCNKernelsBackward"] == trained_norms and bcn["_StandardizeGroupBackward"] == 1
     assert gn["AddBackward0"] - bcn["AddBackward0"] == trained_blocks
     # BCN's 4 parameters per layer against group norm's 2 (the paper's batch-step and group affines)
     assert bcn["AccumulateGrad"] - gn["AccumulateGrad"] == 2 * trained_norms

@@ -18,7 +18,7 @@ Two batch steps exist:
 """
 import functools
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
@@ -27,7 +27,6 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from . import triton_kernels
 from .ws_conv import export_error
 
 __all__ = [
@@ -148,56 +147,6 @@ class _AffineGroupNorm(torch.autograd.Function):
         return (dx.to(x.dtype), *grads, None, None, None, None, None)
 
 
-def _triton_bcn_backward(ctx, dy: torch.Tensor) -> tuple:
-    """:class:`_TritonBCN`'s backward: the gradients of its inputs, in their dtypes."""
-    x, workspace, bn_weight, bn_bias, weight, relu_output = ctx.saved_tensors
-    dx, d_residual, *grads = triton_kernels.bcn_backward(
-        dy, (x, workspace), bn_weight, bn_bias, weight, relu_output, ctx.needs_input_grad[7]
-    )
-    d_bn_weight, d_bn_bias, d_weight, d_bias, d_residual = (
-        g if g is None or g.dtype == dtype else g.to(dtype) for g, dtype in zip((*grads, d_residual), ctx.dtypes)
-    )
-    return dx, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, d_residual, None
-
-
-class _TritonBCN(torch.autograd.Function):
-    """The function of :class:`_AffineGroupNorm`, batch step from its parameters, in Triton kernels.
-
-    Takes the batch step's weight, bias and estimates instead of (scale, shift),
-    so the estimate update and the whole per-(N, C) algebra run inside the
-    kernels (:func:`triton_kernels.bcn_forward`), and returns the gradients of
-    the batch step's affine directly. With the ReLU fused, it keeps its output
-    for the backward (which the next conv keeps anyway, as its input).
-    """
-
-    @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, options: tuple):
-        # options: the eps, rate, update, dtype and relu arguments of triton_kernels.bcn_forward, in
-        # one argument (each argument of Function.apply costs host time)
-        y, saved = triton_kernels.bcn_forward(
-            x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, *options
-        )
-        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if options[-1] else None)
-        residual_dtype = None if residual is None else residual.dtype
-        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, residual_dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        # once differentiable, as _AffineGroupNorm; once_differentiable's wrapper costs host time on
-        # every call, so it only serves backward passes that build a graph (create_graph=True)
-        if torch.is_grad_enabled():
-            return torch.autograd.function.once_differentiable(_triton_bcn_backward)(ctx, dy)
-        return _triton_bcn_backward(ctx, dy)
-
-
-def _add_relu_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """``relu(y + residual)``, in place on ``y``, as detectron2's ResNet blocks compute it."""
-    if residual is not None:
-        y += residual
-    return F.relu_(y) if relu else y
-
-
 class EstimatedBatchNorm2d(nn.BatchNorm2d):
     """The batch step of micro-batch BCN: normalize with *estimated* statistics.
 
@@ -277,21 +226,11 @@ class BatchChannelNorm2d(nn.GroupNorm):
     a frozen step, large-batch BCN in eval) it is a per-channel affine, and
     the two steps run fused (:class:`_AffineGroupNorm`): the same function,
     computed in about the passes of a group norm and keeping only the input
-    for the backward, as a group norm does. On CUDA they run in Triton kernels
-    (:func:`triton_kernels.bcn_forward`), estimate update included. The output
-    has the dtype a group norm would return (:func:`group_norm_output_dtype`);
-    statistics are float32 or wider, the estimates keep their own dtype.
-
-    ``forward(x, residual, relu=True)`` returns ``relu(BCN(x) + residual)``: on
-    CUDA the addition and the ReLU run in the kernels' output pass and their
-    gradients in theirs, so a conv + BCN (+ a ResNet block's shortcut) + ReLU
-    costs no kernels or autograd nodes of their own (a GPU step at 1-2 images
-    is bound by the host issuing them). :class:`WSConv2d` asks for it when its
-    activation is a ReLU or it is given a residual (``fuses_relu``).
+    for the backward, as a group norm does. The output has the dtype a group
+    norm would return (:func:`group_norm_output_dtype`); statistics are float32
+    or wider, the estimates keep their own dtype. This torch code is the CPU
+    path and the reference of the CUDA fast path (:mod:`wsbcn_d2.cuda`).
     """
-
-    fuses_relu = True
-    """``forward`` takes ``residual`` and ``relu=True`` (read by :class:`WSConv2d`)."""
 
     def __init__(
         self,
@@ -323,9 +262,10 @@ class BatchChannelNorm2d(nn.GroupNorm):
             # stats_mode "N" weights each process by its batch size and accepts empty batches
             self.batch_norm = NaiveSyncBatchNorm(num_channels, eps=eps, stats_mode="N")
 
-    def _fixed_statistics(self) -> bool:
-        # micro-batch BCN's step always normalizes with its estimates (updated before, not
-        # during, the normalization); so do a frozen step and a large-batch step in eval
+    def fixed_statistics(self) -> bool:
+        """Whether the batch step normalizes with fixed statistics: micro-batch BCN's always does (with
+        estimates updated before, not during, the normalization), so do a frozen step and a large-batch
+        step in eval."""
         bn = self.batch_norm
         return isinstance(bn, (EstimatedBatchNorm2d, FrozenBatchNorm2d)) or not (bn.training or bn.running_var is None)
 
@@ -335,51 +275,33 @@ class BatchChannelNorm2d(nn.GroupNorm):
         None when the step uses batch statistics (large-batch BCN in training).
         Differentiable in the step's affine parameters.
         """
-        if not self._fixed_statistics():
+        if not self.fixed_statistics():
             return None
         bn = self.batch_norm
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return scale, bn.bias - bn.running_mean * scale
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-        """BCN of ``x`` (N, C, H, W), plus ``residual`` (the same shape) if given, then a ReLU if ``relu``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BCN of ``x`` (N, C, H, W)."""
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
-        if residual is not None and residual.shape != x.shape:
-            shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
-            raise ValueError(f"BCN's residual must have the input's shape {shapes}")
         bn = self.batch_norm
-        if not self._fixed_statistics():
+        if not self.fixed_statistics():
             channels_per_group = self.num_channels // self.num_groups
-            y = F.group_norm(
+            return F.group_norm(
                 bn(x),
                 self.num_groups,
                 self.weight.repeat_interleave(channels_per_group),
                 self.bias.repeat_interleave(channels_per_group),
                 self.eps,
             )
-            return _add_relu_(y, residual, relu)
-        out_dtype = group_norm_output_dtype(x)
-        update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
-        if triton_kernels.use_triton(x) and x.numel() > 0:
-            # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them
-            sync: Optional[Callable] = None
-            if update and comm.get_world_size() > 1:
-                sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
-            tensors = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.weight, self.bias, residual)
-            options = (bn.eps, self.eps, bn.update_rate if update else 0.0, sync, out_dtype, relu)
-            if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):
-                return _TritonBCN.apply(*tensors, options)
-            # inference, frozen stages: no autograd function and its host overhead
-            return triton_kernels.bcn_forward(*tensors, *options)[0]
         mean, var = channel_moments(x)
-        if update:
+        if isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0:
             bn.update_estimates(mean, var, math.prod(x.shape[2:]))
         scale, shift = self.batch_step_affine()
-        y = _AffineGroupNorm.apply(
-            x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, out_dtype
+        return _AffineGroupNorm.apply(
+            x, scale, shift, self.weight, self.bias, self.num_groups, self.eps, mean, var, group_norm_output_dtype(x)
         )
-        return _add_relu_(y, residual, relu)
 
     def __prepare_scriptable__(self):
         raise export_error(type(self).__name__)

@@ -1,11 +1,5 @@
 """Registered builders: WS backbones, heads and meta-architectures, and the LazyConfig builder."""
-from .backbone import (
-    build_ws_resnet_backbone,
-    build_ws_resnet_fpn_backbone,
-    build_ws_retinanet_resnet_fpn_backbone,
-    relus_into_convs,
-    relus_out_of_convs,
-)
+from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone, build_ws_retinanet_resnet_fpn_backbone
 from .fold import fold_for_inference
 from .lazy import build_ws_model
 from .resnetv2 import (

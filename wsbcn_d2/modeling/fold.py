@@ -12,8 +12,8 @@ for large-batch BCN). :func:`fold_for_inference` bakes both into the model:
   BCN's per-group affine; any other BCN (RetinaNet's per-level head norms, whose
   conv is shared across levels) becomes its batch step as a ``FrozenBatchNorm2d``
   followed by that ``nn.GroupNorm``;
-- ResNet blocks whose convs apply the block's ReLUs (:func:`relus_into_convs`)
-  become detectron2's blocks again.
+- the CUDA fast path's classes become the layers' and detectron2's again
+  (:func:`wsbcn_d2.cuda.disable_fast_path`).
 
 The result holds only detectron2 / torch layers, so it exports like any
 detectron2 model (e.g. ``detectron2.export.TracingAdapter`` + ``torch.jit.trace``).
@@ -24,8 +24,8 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
+from ..cuda import disable_fast_path
 from ..layers import BatchChannelNorm2d, WSConv2d
-from .backbone import relus_out_of_convs
 
 __all__ = ["fold_for_inference"]
 
@@ -34,7 +34,7 @@ def _plain_conv_(conv: WSConv2d) -> None:
     """Turn a WSConv2d into a Conv2d holding its standardized weight, in place."""
     weight = conv.standardized_weight().detach().clone()
     conv.__class__ = Conv2d  # in place: detectron2's FPN and heads keep plain lists of their convs
-    for name in ("eps", "form", "ws_group", "_cached_weight", "_cache_key"):
+    for name in ("eps", "form", "_cached_weight", "_cache_key"):
         delattr(conv, name)
     conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
 
@@ -77,7 +77,7 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     In eval the copy computes what ``model`` computes in eval, up to float
     rounding. A BCN without running statistics (nothing constant to fold) stays a BCN.
     """
-    folded = relus_out_of_convs(copy.deepcopy(model).eval())
+    folded = disable_fast_path(copy.deepcopy(model).eval())
     for module in list(folded.modules()):
         if isinstance(module, WSConv2d):
             _plain_conv_(module)

@@ -17,7 +17,7 @@ from detectron2.utils.registry import locate
 from torch import nn
 
 from ..layers import check_ws_form
-from .backbone import relus_into_convs
+from ..cuda import enable_fast_path
 from .wsbcn import check_ws_coverage, standardize_normed_convs
 
 __all__ = ["build_ws_model"]
@@ -26,9 +26,8 @@ __all__ = ["build_ws_model"]
 def build_ws_model(
     meta_arch: Union[str, Callable[..., nn.Module]], ws_eps: float = 1e-5, ws_form: str = "std+eps", **kwargs: Any
 ) -> nn.Module:
-    """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule), and
-    the ReLUs (and shortcut additions) of its ResNet blocks applied by their convs, as in the YAML
-    configs' backbones (:func:`relus_into_convs`).
+    """``meta_arch(**kwargs)`` with WS on every conv that carries a norm (the plugin's WS rule), on the
+    CUDA fast path (:func:`wsbcn_d2.cuda.enable_fast_path`) as the YAML configs' models.
 
     Args:
         meta_arch: the model class (or its dotted name), e.g. ``GeneralizedRCNN``.
@@ -42,6 +41,6 @@ def build_ws_model(
     check_ws_form(ws_form, ws_eps)
     model = (locate(meta_arch) if isinstance(meta_arch, str) else meta_arch)(**kwargs)
     standardize_normed_convs(model, ws_eps, ws_form)
-    relus_into_convs(model)
+    enable_fast_path(model)
     check_ws_coverage(model)
     return model

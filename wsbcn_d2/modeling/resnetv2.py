@@ -31,7 +31,8 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import WSConv2d, WSConvGroup, norm_fuses_relu
+from ..cuda import batch_channel_norm, enable_fast_path
+from ..layers import BatchChannelNorm2d, WSConv2d
 from .wsbcn import resolve_cfg_norm, standardize_from_cfg, ws_from_cfg
 
 __all__ = [
@@ -56,9 +57,9 @@ def scaled_width(channels: int, width_factor: float) -> int:
 
 
 def norm_relu(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """``relu(norm(x))``; a norm that applies the ReLU itself (BCN) does."""
-    if norm_fuses_relu(norm):
-        return norm(x, relu=True)
+    """``relu(norm(x))``; with a BCN, the ReLU inside its CUDA kernels where they run."""
+    if isinstance(norm, BatchChannelNorm2d):
+        return batch_channel_norm(norm, x, relu=True)
     return F.relu_(x if norm is None else norm(x))
 
 
@@ -198,8 +199,7 @@ def build_ws_resnetv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNetV2
         in_channels = out_channels
     final_norm = get_norm(norm, in_channels) if num_stages == 4 else None
     backbone = ResNetV2(stem, stages, final_norm, out_features, cfg.MODEL.BACKBONE.FREEZE_AT)
-    WSConvGroup([m for m in backbone.modules() if isinstance(m, WSConv2d)])  # standardized together on CUDA
-    return backbone
+    return enable_fast_path(backbone)
 
 
 def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block: nn.Module) -> Backbone:
@@ -212,7 +212,7 @@ def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block: nn.Module) -> Backbone:
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    return standardize_from_cfg(fpn, cfg)
+    return enable_fast_path(standardize_from_cfg(fpn, cfg))
 
 
 @BACKBONE_REGISTRY.register()

@@ -22,6 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import nn
 
+from ..cuda import enable_fast_path
 from .wsbcn import Norm, resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = ["WSRetinaNet"]
@@ -65,5 +66,5 @@ class WSRetinaNet(RetinaNet):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict:
         ret = super().from_config(with_resolved_norms(cfg, {_NORM_KEY: _head_norm(cfg)}))
-        standardize_from_cfg(ret["head"], cfg)
+        enable_fast_path(standardize_from_cfg(ret["head"], cfg))
         return ret

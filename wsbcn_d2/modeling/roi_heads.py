@@ -19,7 +19,7 @@ from detectron2.modeling.roi_heads import (
     Res5ROIHeads,
 )
 
-from .backbone import relus_into_convs
+from ..cuda import enable_fast_path
 from .wsbcn import WSHeadMixin, resolve_cfg_norm, standardize_from_cfg, with_resolved_norms
 
 __all__ = ["WSFastRCNNConvFCHead", "WSMaskRCNNConvUpsampleHead", "WSRes5ROIHeads"]
@@ -42,7 +42,7 @@ class WSMaskRCNNConvUpsampleHead(WSHeadMixin, MaskRCNNConvUpsampleHead):
 @ROI_HEADS_REGISTRY.register()
 class WSRes5ROIHeads(Res5ROIHeads):
     """:class:`Res5ROIHeads` whose res5 stage takes the plugin's norms (``MODEL.RESNETS.NORM``) and WS,
-    its ReLUs and shortcut additions applied by the convs as in the backbones (:func:`relus_into_convs`).
+    on the CUDA fast path as the backbones (:func:`wsbcn_d2.cuda.enable_fast_path`).
 
     The box predictor carries no norm; the mask head is built from
     ``MODEL.ROI_MASK_HEAD.NAME`` as usual (name the plugin's to get WS there too).
@@ -52,5 +52,5 @@ class WSRes5ROIHeads(Res5ROIHeads):
     def from_config(cls, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]) -> dict:
         norm = {"MODEL.RESNETS.NORM": resolve_cfg_norm(cfg, "MODEL.RESNETS.NORM")}
         ret = super().from_config(with_resolved_norms(cfg, norm), input_shape)
-        relus_into_convs(standardize_from_cfg(ret["res5"], cfg))
+        enable_fast_path(standardize_from_cfg(ret["res5"], cfg))
         return ret

@@ -21,7 +21,8 @@ from detectron2.layers.batch_norm import LayerNorm
 from torch import nn
 
 from ..config import NUM_GROUPS_KEYS, cfg_value, check_norm_slots, unreached_norm_slots, used_norm_slots
-from ..layers import NormOptions, WSConv2d, WSConvGroup, resolve_norm
+from ..cuda import enable_fast_path
+from ..layers import NormOptions, WSConv2d, resolve_norm
 
 __all__ = [
     "WSHeadMixin",
@@ -126,9 +127,8 @@ def standardize_normed_convs(module: nn.Module, eps: float = 1e-5, form: str = "
 
     Plain ``nn.Conv2d`` and ``detectron2.layers.Conv2d`` are converted (in
     place, so references to them stay valid); other conv classes are left as
-    they are (:func:`check_ws_coverage` reports them). Every WSConv2d of ``module``
-    then forms one :class:`WSConvGroup` (with those a backbone built itself, e.g.
-    ResNetV2's). Returns the number of convs converted.
+    they are (:func:`check_ws_coverage` reports them). Returns the number of
+    convs converted.
     """
     converted = []
     for conv in normed_convs(module).values():
@@ -137,8 +137,6 @@ def standardize_normed_convs(module: nn.Module, eps: float = 1e-5, form: str = "
             conv.norm = conv.activation = None
         if type(conv) is Conv2d:
             converted.append(WSConv2d.convert_(conv, eps, form))
-    # standardized together in training on CUDA: a few kernels per step, not per conv
-    WSConvGroup([m for m in module.modules() if isinstance(m, WSConv2d)])
     return len(converted)
 
 
@@ -170,7 +168,8 @@ def check_ws_coverage(model: nn.Module, cfg: Optional[CfgNode] = None, max_names
 
 
 class WSHeadMixin:
-    """For a detectron2 conv head: resolves its norm from ``norm_key`` and standardizes its normed convs.
+    """For a detectron2 conv head: resolves its norm from ``norm_key``, standardizes its normed convs and
+    puts the head on the CUDA fast path (:func:`wsbcn_d2.cuda.enable_fast_path`).
 
     Subclasses set ``norm_key`` (the config key of the head's norm) and, if the
     head names its norm argument otherwise, ``norm_arg``.
@@ -192,6 +191,7 @@ class WSHeadMixin:
         super().__init__(input_shape, **kwargs)
         if ws is not None:
             standardize_normed_convs(self, **ws)
+        enable_fast_path(self)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: Union[ShapeSpec, Dict[str, ShapeSpec]]) -> dict:

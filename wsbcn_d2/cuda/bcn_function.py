@@ -1,0 +1,109 @@
+"""BCN through its kernels, as an autograd function, with a ResNet block's addition and ReLU fused."""
+import functools
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from detectron2.utils import comm
+from torch.nn import functional as F
+
+from ..layers.bcn import BatchChannelNorm2d, EstimatedBatchNorm2d, group_norm_output_dtype
+from . import dispatch
+from .bcn_kernels import bcn_backward, bcn_forward
+
+__all__ = ["batch_channel_norm", "on_kernels", "runs_on_kernels"]
+
+
+class _Settings(NamedTuple):
+    """The non-tensor arguments of :func:`bcn_forward` (one argument of ``Function.apply``: each costs host time)."""
+
+    bn_eps: float
+    gn_eps: float
+    update_rate: float
+    update: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+    out_dtype: torch.dtype
+    relu: bool
+
+
+def _bcn_backward(ctx, dy: torch.Tensor) -> tuple:
+    """:class:`_BCNKernels`' backward: the gradients of its inputs, in their dtypes."""
+    x, workspace, bn_weight, bn_bias, weight, relu_output = ctx.saved_tensors
+    dx, d_residual, *grads = bcn_backward(
+        dy, (x, workspace), bn_weight, bn_bias, weight, relu_output, ctx.residual_gradient
+    )
+    d_bn_weight, d_bn_bias, d_weight, d_bias, d_residual = (
+        g if g is None or g.dtype == dtype else g.to(dtype) for g, dtype in zip((*grads, d_residual), ctx.dtypes)
+    )
+    return dx, d_residual, d_bn_weight, d_bn_bias, None, None, d_weight, d_bias, None
+
+
+class _BCNKernels(torch.autograd.Function):
+    """``relu(BCN(x) + residual)`` (each optional) in :func:`~wsbcn_d2.cuda.bcn_kernels.bcn_forward`.
+
+    Differentiable in ``x``, ``residual`` and the four affine parameters; the estimate update and the
+    whole per-(N, C) algebra run inside the kernels. With the ReLU fused it keeps its output for the
+    backward (which the next conv keeps anyway, as its input).
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, settings: _Settings):
+        y, saved = bcn_forward(x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, *settings)
+        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if settings.relu else None)
+        ctx.residual_gradient = ctx.needs_input_grad[1]
+        residual_dtype = None if residual is None else residual.dtype
+        ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, residual_dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # once differentiable, as the layer's torch code; once_differentiable's wrapper costs host time on
+        # every call, so it only serves backward passes that build a graph (create_graph=True)
+        if torch.is_grad_enabled():
+            return torch.autograd.function.once_differentiable(_bcn_backward)(ctx, dy)
+        return _bcn_backward(ctx, dy)
+
+
+def runs_on_kernels(bcn: BatchChannelNorm2d, x: torch.Tensor) -> bool:
+    """Whether :func:`batch_channel_norm` computes ``bcn`` of ``x`` in the kernels: a CUDA input (of the
+    kernels' dtypes, not empty, not traced) and a batch step with fixed statistics."""
+    return dispatch.use_kernels(x) and x.numel() > 0 and bcn.fixed_statistics() and not torch.jit.is_tracing()
+
+
+def batch_channel_norm(
+    bcn: BatchChannelNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
+) -> torch.Tensor:
+    """``bcn(x)``, plus ``residual`` (x's shape) if given, then a ReLU if ``relu``: detectron2's
+    ``out += shortcut; F.relu_(out)`` after a BCN.
+
+    Where :func:`runs_on_kernels`, in BCN's kernels: the addition and the ReLU in their output pass and
+    their gradients in theirs, so that a ResNet block's end costs no kernels or autograd nodes of its own
+    (a GPU step at 1-2 images is bound by the host issuing them). Elsewhere ``bcn``'s torch code, then
+    the addition and ReLU in place.
+    """
+    if residual is not None and residual.shape != x.shape:
+        shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
+        raise ValueError(f"BCN's residual must have the input's shape {shapes}")
+    if not runs_on_kernels(bcn, x):
+        y = BatchChannelNorm2d.forward(bcn, x)
+        if residual is not None:
+            y += residual
+        return F.relu_(y) if relu else y
+    return on_kernels(bcn, x, residual, relu)
+
+
+def on_kernels(
+    bcn: BatchChannelNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
+) -> torch.Tensor:
+    """:func:`batch_channel_norm` in the kernels, where :func:`runs_on_kernels` (not checked again)."""
+    bn = bcn.batch_norm
+    update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
+    # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them
+    sync: Optional[Callable] = None
+    if update and comm.get_world_size() > 1:
+        sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
+    settings = _Settings(bn.eps, bcn.eps, bn.update_rate if update else 0.0, sync, group_norm_output_dtype(x), relu)
+    tensors = (x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var, bcn.weight, bcn.bias)
+    if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):
+        return _BCNKernels.apply(*tensors, settings)
+    # inference, frozen stages: no autograd function and its host overhead
+    return bcn_forward(*tensors, *settings)[0]

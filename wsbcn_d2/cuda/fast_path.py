@@ -1,0 +1,133 @@
+"""The model's fast path on / off: :func:`enable_fast_path` and :func:`disable_fast_path`.
+
+Entering it changes classes in place (as :meth:`WSConv2d.convert_ <wsbcn_d2.layers.WSConv2d.convert_>`
+does), never parameters, buffers or the state dict:
+
+- every :class:`WSConv2d` joins one :class:`WSConvGroup` (a :class:`GroupedWSConv2d`);
+- every :class:`BatchChannelNorm2d` becomes a :class:`KernelBatchChannelNorm2d`;
+- detectron2's ResNet stems and blocks whose convs carry BCNs let those convs
+  apply the ReLUs that follow them, and the block's last conv the shortcut
+  addition before its ReLU (:class:`WSConvBCNReLU`), so that BCN runs both
+  inside its kernels: per block and step, one ReLU kernel and autograd node
+  less per conv and an addition less.
+
+Each of them runs the layers' torch code where the kernels do not apply (CPU
+tensors, float64, tracing), so the model computes the same function either way.
+"""
+from typing import Dict, Optional
+
+import torch
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+from torch import nn
+from torch.nn import functional as F
+
+from ..layers.bcn import BatchChannelNorm2d
+from ..layers.ws_conv import WSConv2d, export_error
+from . import dispatch
+from .bcn_function import batch_channel_norm, on_kernels, runs_on_kernels
+from .ws_group import GroupedWSConv2d, WSConvGroup
+
+__all__ = ["KernelBatchChannelNorm2d", "WSConvBCNReLU", "disable_fast_path", "enable_fast_path"]
+
+
+class KernelBatchChannelNorm2d(BatchChannelNorm2d):
+    """A :class:`BatchChannelNorm2d` computed in its kernels where they apply
+    (:func:`~wsbcn_d2.cuda.bcn_function.runs_on_kernels`), estimate update included."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_on_kernels(self, x):
+            return on_kernels(self, x)
+        return super().forward(x)
+
+
+class WSConvBCNReLU(GroupedWSConv2d):
+    """A ResNet block's WS conv with a BCN: ``relu(BCN(conv(x)) + residual)``, ``residual`` optional,
+    the addition and the ReLU inside BCN's kernels (:func:`~wsbcn_d2.cuda.bcn_function.batch_channel_norm`)."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise export_error(type(self).__name__)
+        x = self._conv_forward(x, self.standardized_weight(), self.bias)
+        return batch_channel_norm(self.norm, x, residual, relu=True)
+
+
+class _BasicStem(BasicStem):
+    """detectron2's ``BasicStem``, its ReLU applied by ``conv1``."""
+
+    relu_convs = ("conv1",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+
+
+class _BasicBlock(BasicBlock):
+    """detectron2's ``BasicBlock``, its ReLUs applied by its convs, ``conv2`` adding the shortcut first."""
+
+    relu_convs = ("conv1", "conv2")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x), x if self.shortcut is None else self.shortcut(x))
+
+
+class _BottleneckBlock(BottleneckBlock):
+    """detectron2's ``BottleneckBlock``, its ReLUs applied by its convs, ``conv3`` adding the shortcut first."""
+
+    relu_convs = ("conv1", "conv2", "conv3")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)), x if self.shortcut is None else self.shortcut(x))
+
+
+_FUSED_BLOCKS: Dict[type, type] = {cls.__bases__[0]: cls for cls in (_BasicStem, _BasicBlock, _BottleneckBlock)}
+"""detectron2's stem and block classes -> their subclasses whose ``relu_convs`` apply the ReLUs."""
+
+_LAYER_CLASSES: Dict[type, type] = {
+    GroupedWSConv2d: WSConv2d,
+    WSConvBCNReLU: WSConv2d,
+    KernelBatchChannelNorm2d: BatchChannelNorm2d,
+    **{fused: block for block, fused in _FUSED_BLOCKS.items()},
+}
+"""Each fast-path class -> the class it replaced."""
+
+
+def enable_fast_path(module: nn.Module) -> nn.Module:
+    """Put ``module`` on the CUDA fast path (module docstring), in place; returns ``module``.
+
+    Does nothing with ``WSBCN_TRITON=0`` or without triton. Entering again regroups every WSConv2d
+    of ``module`` into one group (e.g. a backbone's and its FPN's). Every WSConv2d must share one WS form
+    and eps.
+    """
+    if not dispatch.ENABLED:
+        return module
+    convs = [m for m in module.modules() if isinstance(m, WSConv2d)]
+    if convs:
+        WSConvGroup(convs)
+    for m in module.modules():
+        if type(m) is BatchChannelNorm2d:
+            m.__class__ = KernelBatchChannelNorm2d
+        fused_block = _FUSED_BLOCKS.get(type(m))
+        if fused_block is None:
+            continue
+        block_convs = [getattr(m, name) for name in fused_block.relu_convs]
+        if all(_carries_bcn(conv) for conv in block_convs):
+            m.__class__ = fused_block
+            for conv in block_convs:
+                conv.__class__ = WSConvBCNReLU
+    return module
+
+
+def _carries_bcn(conv: nn.Module) -> bool:
+    """A grouped WS conv with a BCN and no activation of its own."""
+    return isinstance(conv, GroupedWSConv2d) and isinstance(conv.norm, BatchChannelNorm2d) and conv.activation is None
+
+
+def disable_fast_path(module: nn.Module) -> nn.Module:
+    """Undo :func:`enable_fast_path` in ``module``, in place: the layers' and detectron2's classes, no WS
+    groups. Returns ``module``."""
+    for m in module.modules():
+        layer_class = _LAYER_CLASSES.get(type(m))
+        if layer_class is not None:
+            m.__class__ = layer_class
+        if isinstance(m, WSConv2d):
+            m.__dict__.pop("ws_group", None)
+    return module
