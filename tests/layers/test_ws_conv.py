@@ -66,28 +66,6 @@ def test_norm_activation_and_empty_input_as_parent():
     assert conv(torch.zeros(0, 4, 6, 6)).shape == (0, 8, 6, 6)
 
 
-@pytest.mark.parametrize("norm", ["GN", "BCN", "large-batch BCN", None])
-@pytest.mark.parametrize("activation", [F.relu, torch.tanh, None], ids=["relu", "tanh", "none"])
-def test_residual_is_added_before_the_activation(norm, activation):
-    torch.manual_seed(0)
-    norm = {
-        "GN": nn.GroupNorm(4, 8),
-        "BCN": helpers.randomized_bcn(8, 4).eval(),
-        "large-batch BCN": helpers.randomized_bcn(8, 4, estimate=False),  # training: batch statistics
-        None: None,
-    }[norm]
-    conv = WSConv2d(4, 8, 3, padding=1, bias=False, norm=norm, activation=activation)
-    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
-    out = reference_conv(conv, x, conv.weight.detach()).float()
-    out = (out if norm is None else norm(out)) + z
-    expected = out if activation is None else activation(out)
-    got = conv(x, residual=z)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    (d_residual,) = torch.autograd.grad(got.square().sum(), z)
-    (expected_d_residual,) = torch.autograd.grad(expected.square().sum(), z)
-    torch.testing.assert_close(d_residual, expected_d_residual, rtol=1e-4, atol=1e-4)
-
-
 def test_eval_caches_but_follows_weight_updates():
     torch.manual_seed(0)
     conv = WSConv2d(4, 6, 3).eval()

@@ -13,7 +13,7 @@ import helpers
 from helpers import load_config
 from wsbcn_d2.cuda import WSConvGroup, bcn_function, disable_fast_path, dispatch, enable_fast_path, fast_path, ws_group
 from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d, WSConvBCNReLU
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, standardize_weight
 from wsbcn_d2.modeling import standardize_normed_convs
 
 needs_fast_path = pytest.mark.skipif(not dispatch.ENABLED, reason="triton is not installed")
@@ -191,3 +191,22 @@ def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkey
     assert bcn["AccumulateGrad"] - gn["AccumulateGrad"] == 2 * trained_norms
     # in all: 4 nodes less per block (3 ReLUs and the addition), 1 for WS, 2 per norm for its parameters
     assert sum(bcn.values()) == sum(gn.values()) - 4 * trained_blocks + 1 + 2 * trained_norms
+
+
+@pytest.mark.parametrize("norm", ["BCN", "large-batch BCN"])
+def test_block_conv_adds_the_residual_before_its_relu(norm):
+    # WSConvBCNReLU (a fused block's conv): relu(BCN(conv(x)) + residual), gradients included; the torch code
+    torch.manual_seed(0)
+    bcn = helpers.randomized_bcn(8, 4).eval() if norm == "BCN" else helpers.randomized_bcn(8, 4, estimate=False)
+    conv = WSConv2d(4, 8, 3, padding=1, bias=False, norm=bcn)
+    WSConvGroup([conv])
+    conv.__class__ = WSConvBCNReLU
+    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
+    weight = standardize_weight(conv.weight.detach().double()).float()
+    expected = torch.relu(bcn(nn.functional.conv2d(x, weight, padding=1)) + z)
+    got = conv(x, z)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert 0 < (got == 0).float().mean() < 1  # the ReLU clips a part of the output
+    (d_residual,) = torch.autograd.grad(got.square().sum(), z)
+    (expected_d_residual,) = torch.autograd.grad(expected.square().sum(), z)
+    torch.testing.assert_close(d_residual, expected_d_residual, rtol=1e-4, atol=1e-4)

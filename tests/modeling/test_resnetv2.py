@@ -11,7 +11,9 @@ from torch import nn
 from helpers import BIT_NARROW as NARROW
 from helpers import load_config, synthetic_batch
 from wsbcn_d2.config import validate_wsbcn_config
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
+from wsbcn_d2.cuda import dispatch, launcher
+from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_BiT_R50x1_FPN_2x_gn_ws.yaml"
 
@@ -34,7 +36,7 @@ def test_bit_configs_build_the_real_r50x1(config, backbone_norm, strides):
     assert all(type(m.norm1) is backbone_norm for m in bottom_up.modules() if hasattr(m, "norm1"))
     convs = [m for m in model.backbone.modules() if isinstance(m, WSConv2d)]
     assert {(c.form, c.eps) for c in convs} == {("biased_var+eps", 1e-8)}
-    assert len({id(c.ws_group) for c in convs}) == 1  # bottom-up and FPN: one WS group, a few kernels per step
+    assert not dispatch.ENABLED or len({id(c.ws_group) for c in convs}) == 1  # bottom-up and FPN: one WS group, a few kernels per step
     assert len([c for c in convs if c in set(bottom_up.modules())]) == 53  # stem, 3 per block, 4 shortcuts
 
 
@@ -43,7 +45,8 @@ def test_narrow_mask_rcnn_training_step_reaches_every_ws_conv(norm):
     torch.manual_seed(0)
     cfg = load_config(MASK_RCNN, *NARROW, "MODEL.RESNETV2.NORM", norm)
     model = build_model(cfg).train()
-    norm_class = {"GN": nn.GroupNorm, "BCN": BatchChannelNorm2d}[norm]
+    bcn_class = KernelBatchChannelNorm2d if dispatch.ENABLED else BatchChannelNorm2d  # on the fast path
+    norm_class = {"GN": nn.GroupNorm, "BCN": bcn_class}[norm]
     assert type(model.backbone.bottom_up.norm) is norm_class
     with EventStorage(0):
         losses = model(synthetic_batch())
@@ -97,7 +100,7 @@ def test_bad_resnetv2_values_name_their_key(opts, message):
     assert message in str(error.value)
 
 
-@pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+@pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreted kernels run on CPU tensors")
 def test_bcn_resnetv2_through_the_kernels_matches_torch_code(monkeypatch):
     """The CUDA fast path where it applies (the WS group, BCN's kernels with the pre-activation ReLUs
@@ -116,7 +119,7 @@ def test_bcn_resnetv2_through_the_kernels_matches_torch_code(monkeypatch):
         return {**outputs, **{n: p.grad for n, p in model.named_parameters()}}
 
     with monkeypatch.context() as m:
-        m.setattr(triton_kernels, "use_triton", lambda t: t.dtype in triton_kernels._KERNEL_DTYPES)
+        m.setattr(dispatch, "use_kernels", lambda t: t.dtype in dispatch.KERNEL_DTYPES)
         got = step(backbone, x)
     expected, expected64 = step(reference, x), step(reference64, x.double())
 

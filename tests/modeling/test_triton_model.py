@@ -14,9 +14,10 @@ from detectron2.modeling.proposal_generator import proposal_utils
 from detectron2.utils.events import EventStorage
 
 from helpers import DEMO_CONFIG, load_config, load_tool, synthetic_batch
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, triton_kernels
+from wsbcn_d2.cuda import dispatch, launcher
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 
-pytestmark = pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
 CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.yaml"
 
 
@@ -53,7 +54,7 @@ def check_step_against_torch_code(monkeypatch, cfg, batch, num_ws_convs: int, mi
     torch.manual_seed(1)  # same RoI sampling
     losses = train_step(model, batch)
     with monkeypatch.context() as m:
-        m.setattr(triton_kernels, "use_triton", lambda x: False)
+        m.setattr(dispatch, "use_kernels", lambda x: False)
         torch.manual_seed(1)
         expected = train_step(reference, batch)
     with monkeypatch.context() as m:
@@ -87,7 +88,7 @@ def test_training_step_matches_torch_code(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreted kernels run on CPU tensors")
 def test_interpreted_training_step_matches_torch_code(monkeypatch):
-    monkeypatch.setattr(triton_kernels, "use_triton", lambda x: x.dtype in triton_kernels._KERNEL_DTYPES)
+    monkeypatch.setattr(dispatch, "use_kernels", lambda x: x.dtype in dispatch.KERNEL_DTYPES)
     # frozen backbone (BCN without the autograd function), FPN trained through the fused kernels, and
     # 2 x 48 RoIs of 64 channels in 32 groups (192 > 128): the box head's BCN takes the per-group kernels;
     # a 64-channel FPN, for the interpreter's sake (about a minute)

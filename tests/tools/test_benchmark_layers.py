@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import REPO, load_tool
 
-from wsbcn_d2.layers import triton_kernels
+from wsbcn_d2.cuda import launcher
 
 
 def test_layer_benchmark_times_both_layers_and_rates_them_against_gn():
@@ -57,13 +57,13 @@ with benchmark_layers.stubbed_kernels() as kernel:
 print(json.dumps(dict(
     triton=kernel.triton_launches, direct=kernel.direct_launches,
     estimates_kept=torch.equal(layer.batch_norm.running_mean, estimates),
-    restored=not benchmark_layers.triton_kernels.use_triton(x),
+    restored=not benchmark_layers.dispatch.use_kernels(x),
 )))
 """
 
 
 def test_stubbed_kernels_run_bcn_through_the_cuda_code_without_launching():
-    if triton_kernels.triton is None:
+    if launcher.triton is None:
         pytest.skip("triton is not installed")
     # compiled kernels' launch path: without the interpreter the tests' process runs under
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -76,7 +76,7 @@ def test_stubbed_kernels_run_bcn_through_the_cuda_code_without_launching():
 
 
 def test_stubbed_kernels_refuse_the_interpreter():
-    if triton_kernels.triton is None:
+    if launcher.triton is None:
         pytest.skip("triton is not installed")
     tool = load_tool("benchmark_layers")
     if os.environ.get("TRITON_INTERPRET") != "1":
