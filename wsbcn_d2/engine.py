@@ -196,7 +196,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, but for the DDP wrapper's device_ids and the checkpointer
+        # DefaultTrainer.__init__ restated: it calls detectron2's create_ddp_model (CUDA device_ids) and builds
+        # the DetectionCheckpointer its hooks capture, neither through a method a subclass could override
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()

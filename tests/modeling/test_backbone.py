@@ -11,7 +11,8 @@ from torch import nn
 
 import helpers
 from helpers import load_config
-from wsbcn_d2.cuda import WSConvGroup, bcn_function, disable_fast_path, dispatch, enable_fast_path, fast_path, ws_group
+from wsbcn_d2.cuda import WSConvGroup, batch_channel_norm, bcn_function, dispatch, fast_path, ws_group
+from wsbcn_d2.cuda import disable_fast_path, enable_fast_path
 from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d, WSConvBCNReLU
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, standardize_weight
 from wsbcn_d2.modeling import standardize_normed_convs
@@ -122,7 +123,7 @@ def test_fast_path_keeps_each_blocks_function(monkeypatch, block, norm, code):
 
     def recorded(bcn, x, residual=None, relu=False):
         calls.append((relu, residual is not None))
-        return bcn_function.batch_channel_norm(bcn, x, residual, relu)
+        return batch_channel_norm(bcn, x, residual, relu)
 
     monkeypatch.setattr(fast_path, "batch_channel_norm", recorded)
 

@@ -18,8 +18,7 @@ the CPU path and the kernels' reference) in a few kernels:
 Where the kernels do not apply (CPU tensors, float64, tracing) the layers' torch
 code runs; the kernels run on CPU tensors through Triton's interpreter in tests.
 """
-from .bcn_function import batch_channel_norm
-from .fast_path import disable_fast_path, enable_fast_path
+from .fast_path import batch_channel_norm, disable_fast_path, enable_fast_path
 from .ws_group import WSConvGroup
 
 __all__ = ["WSConvGroup", "batch_channel_norm", "disable_fast_path", "enable_fast_path"]

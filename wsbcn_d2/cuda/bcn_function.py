@@ -1,17 +1,16 @@
-"""BCN through its kernels, as an autograd function, with a ResNet block's addition and ReLU fused."""
+"""BCN in its kernels, as an autograd function, with a ResNet block's addition and ReLU fused."""
 import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from detectron2.utils import comm
-from torch.nn import functional as F
 
 from ..layers.bcn import BatchChannelNorm2d, EstimatedBatchNorm2d, group_norm_output_dtype
 from . import dispatch
 from .bcn_kernels import bcn_backward, bcn_forward
 
-__all__ = ["batch_channel_norm", "on_kernels", "runs_on_kernels"]
+__all__ = ["on_kernels", "runs_on_kernels"]
 
 
 class _Settings(NamedTuple):
@@ -64,37 +63,18 @@ class _BCNKernels(torch.autograd.Function):
 
 
 def runs_on_kernels(bcn: BatchChannelNorm2d, x: torch.Tensor) -> bool:
-    """Whether :func:`batch_channel_norm` computes ``bcn`` of ``x`` in the kernels: a CUDA input (of the
-    kernels' dtypes, not empty, not traced) and a batch step with fixed statistics."""
+    """Whether the kernels compute ``bcn`` of ``x``: a CUDA input (of the kernels' dtypes, not empty, not
+    traced) and a batch step with fixed statistics."""
     return dispatch.use_kernels(x) and x.numel() > 0 and bcn.fixed_statistics() and not torch.jit.is_tracing()
-
-
-def batch_channel_norm(
-    bcn: BatchChannelNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
-) -> torch.Tensor:
-    """``bcn(x)``, plus ``residual`` (x's shape) if given, then a ReLU if ``relu``: detectron2's
-    ``out += shortcut; F.relu_(out)`` after a BCN.
-
-    Where :func:`runs_on_kernels`, in BCN's kernels: the addition and the ReLU in their output pass and
-    their gradients in theirs, so that a ResNet block's end costs no kernels or autograd nodes of its own
-    (a GPU step at 1-2 images is bound by the host issuing them). Elsewhere ``bcn``'s torch code, then
-    the addition and ReLU in place.
-    """
-    if residual is not None and residual.shape != x.shape:
-        shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
-        raise ValueError(f"BCN's residual must have the input's shape {shapes}")
-    if not runs_on_kernels(bcn, x):
-        y = BatchChannelNorm2d.forward(bcn, x)
-        if residual is not None:
-            y += residual
-        return F.relu_(y) if relu else y
-    return on_kernels(bcn, x, residual, relu)
 
 
 def on_kernels(
     bcn: BatchChannelNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
 ) -> torch.Tensor:
-    """:func:`batch_channel_norm` in the kernels, where :func:`runs_on_kernels` (not checked again)."""
+    """``relu(BCN(x) + residual)`` (each optional) in the kernels, where :func:`runs_on_kernels` (not checked
+    again): the addition and the ReLU in their output pass and their gradients in theirs, so that a ResNet
+    block's end costs no kernels or autograd nodes of its own (a GPU step at 1-2 images is bound by the host
+    issuing them)."""
     bn = bcn.batch_norm
     update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
     # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them

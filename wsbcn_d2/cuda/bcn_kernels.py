@@ -242,14 +242,14 @@ if triton is not None:
         moments_ptr, _, estimates_ptr, group_stats_ptr, coefficients_ptr = _forward_buffers(workspace_ptr, N, C, G)
         g = tl.program_id(0)
         ch, c_ok, scale, shift = _bcn_group_affine(
-            moments_ptr, estimates_ptr, rm_ptr, rv_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr,
-            g, N, C, rate, bn_eps, True, CG, BLOCK_N, BLOCK_C, UPDATE,
-        )  # fmt: skip
+            moments_ptr, estimates_ptr, rm_ptr, rv_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, g, N, C, rate, bn_eps, True,
+            CG, BLOCK_N, BLOCK_C, UPDATE
+        )
         for n0 in range(0, N, BLOCK_N):
             _bcn_group_coefficients(
-                moments_ptr, coefficients_ptr, group_stats_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift,
-                g, n0, N, C, G, gn_eps, True, CG, BLOCK_N, True,
-            )  # fmt: skip
+                moments_ptr, coefficients_ptr, group_stats_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, n0,
+                N, C, G, gn_eps, True, CG, BLOCK_N, True
+            )
 
     @triton.jit
     def _bcn_block(ok, idx, HW, BLOCK_HW: tl.constexpr):
@@ -297,13 +297,13 @@ if triton is not None:
             est_mean_ptr = rm_ptr
             est_var_ptr = rv_ptr
         ch, c_ok, scale, shift = _bcn_group_affine(
-            moments_ptr, estimates_ptr, est_mean_ptr, est_var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr,
-            g, N, C, rate, bn_eps, store, CG, BLOCK_N, BLOCK_C, UPDATE,
-        )  # fmt: skip
+            moments_ptr, estimates_ptr, est_mean_ptr, est_var_ptr, rm_ptr, rv_ptr, bnw_ptr, bnb_ptr, g, N, C, rate,
+            bn_eps, store, CG, BLOCK_N, BLOCK_C, UPDATE
+        )
         s, t, ok, idx = _bcn_group_coefficients(  # coefficients kept in registers, not stored
-            moments_ptr, moments_ptr, group_stats_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift,
-            g, 0, N, C, G, gn_eps, store, CG, BLOCK_N, False,
-        )  # fmt: skip
+            moments_ptr, moments_ptr, group_stats_ptr, gamma_ptr, beta_ptr, ch, c_ok, scale, shift, g, 0, N, C, G,
+            gn_eps, store, CG, BLOCK_N, False
+        )
         offs, m = _bcn_block(ok, idx, HW, BLOCK_HW)
         y = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) * s[:, :, None] + t[:, :, None]
         if RESIDUAL:
@@ -643,29 +643,23 @@ def bcn_forward(
     params = (running_mean, running_var, bn_weight, bn_bias, gamma, beta)
     key = (x.shape, groups, out_dtype, kernel_update, *launch_key(x, z, *params))
     shape = (n, c, groups, hw)
-    launch(
-        _bcn_moments_kernel, grid, (x, workspace, running_mean, running_var, *shape),
-        dict(SNAPSHOT=kernel_update and fused is not None, **launch_rows), key,
-    )  # fmt: skip
+    args = (x, workspace, running_mean, running_var, *shape)
+    launch(_bcn_moments_kernel, grid, args, dict(SNAPSHOT=kernel_update and fused is not None, **launch_rows), key)
     if update is not None:
         update(*workspace[: 2 * n * c].view(2, n, c))  # the moments
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rate_and_eps = (float(update_rate), float(bn_eps), float(gn_eps))
+    output = dict(RESIDUAL=residual is not None, RELU=relu)
     if fused is not None:
         fused_launch, hw_blocks = fused
-        launch(
-            _bcn_forward_fused_kernel, (groups, hw_blocks), (x, z, y, workspace, *params, *shape, *rate_and_eps),
-            dict(UPDATE=kernel_update, RESIDUAL=residual is not None, RELU=relu, **fused_launch), key,
-        )  # fmt: skip
+        args = (x, z, y, workspace, *params, *shape, *rate_and_eps)
+        meta = dict(UPDATE=kernel_update, **output, **fused_launch)
+        launch(_bcn_forward_fused_kernel, (groups, hw_blocks), args, meta, key)
         return y, (x, workspace)
-    launch(
-        _bcn_forward_finalize_kernel, (groups,), (workspace, *params, n, c, groups, *rate_and_eps),
-        dict(UPDATE=kernel_update, **_group_launch(c // groups)), key,
-    )  # fmt: skip
-    launch(
-        _bcn_apply_kernel, grid_split, (x, z, x, y, workspace, *shape),
-        dict(TWO_INPUTS=False, RESIDUAL=residual is not None, RELU=relu, **launch_rows), key,
-    )  # fmt: skip
+    args = (workspace, *params, n, c, groups, *rate_and_eps)
+    launch(_bcn_forward_finalize_kernel, (groups,), args, dict(UPDATE=kernel_update, **_group_launch(c // groups)), key)
+    args = (x, z, x, y, workspace, *shape)
+    launch(_bcn_apply_kernel, grid_split, args, dict(TWO_INPUTS=False, **output, **launch_rows), key)
     return y, (x, workspace)
 
 
@@ -697,30 +691,22 @@ def bcn_backward(
     split = _backward_workspace_split(n, c, groups, fused is None)
     workspace = torch.empty(sum(split), dtype=torch.float32, device=x.device)
     key = (x.shape, groups, *launch_key(dy, x, y, bn_weight, bn_bias, gamma))
-    launch(
-        _bcn_backward_sums_kernel, grid, (dy, x, y, dz if store_gradient else dy, workspace, *shape),
-        dict(RELU=relu, STORE_GRADIENT=store_gradient, **launch_rows), key,
-    )  # fmt: skip
+    args = (dy, x, y, dz if store_gradient else dy, workspace, *shape)
+    launch(_bcn_backward_sums_kernel, grid, args, dict(RELU=relu, STORE_GRADIENT=store_gradient, **launch_rows), key)
     if store_gradient:  # from here on, the gradient through the ReLU is BCN's dy
         dy, relu = dz, False
         key = (x.shape, groups, *launch_key(dy, x, y, bn_weight, bn_bias, gamma))
     dx = torch.empty_like(x)
+    forward = (forward_workspace, bn_weight, bn_bias, gamma, *shape)
     if fused is not None:
         fused_launch, hw_blocks = fused
-        launch(
-            _bcn_backward_fused_kernel, (groups, hw_blocks),
-            (dy, x, y, dx, workspace, forward_workspace, bn_weight, bn_bias, gamma, *shape),
-            dict(RELU=relu, **fused_launch), key,
-        )  # fmt: skip
+        args = (dy, x, y, dx, workspace, *forward)
+        launch(_bcn_backward_fused_kernel, (groups, hw_blocks), args, dict(RELU=relu, **fused_launch), key)
     else:
-        launch(
-            _bcn_backward_finalize_kernel, (groups,),
-            (workspace, forward_workspace, bn_weight, bn_bias, gamma, *shape), _group_launch(c // groups), key,
-        )  # fmt: skip
-        launch(
-            _bcn_apply_kernel, grid_split, (dy, x, y, dx, workspace, *shape),
-            dict(TWO_INPUTS=True, RESIDUAL=False, RELU=relu, **launch_rows), key,
-        )  # fmt: skip
+        launch(_bcn_backward_finalize_kernel, (groups,), (workspace, *forward), _group_launch(c // groups), key)
+        args = (dy, x, y, dx, workspace, *shape)
+        meta = dict(TWO_INPUTS=True, RESIDUAL=False, RELU=relu, **launch_rows)
+        launch(_bcn_apply_kernel, grid_split, args, meta, key)
     # one split_with_sizes: not Tensor.split, whose symbolic-shape checks cost host time
     d_bn_weight, d_bn_bias, d_gamma, d_beta = workspace.split_with_sizes(split)[1:5]
     return dx, dz, d_bn_weight, d_bn_bias, d_gamma, d_beta

@@ -24,20 +24,48 @@ from torch.nn import functional as F
 from ..layers.bcn import BatchChannelNorm2d
 from ..layers.ws_conv import WSConv2d, export_error
 from . import dispatch
-from .bcn_function import batch_channel_norm, on_kernels, runs_on_kernels
+from .bcn_function import on_kernels, runs_on_kernels
 from .ws_group import GroupedWSConv2d, WSConvGroup
 
-__all__ = ["KernelBatchChannelNorm2d", "WSConvBCNReLU", "disable_fast_path", "enable_fast_path"]
+__all__ = [
+    "KernelBatchChannelNorm2d",
+    "WSConvBCNReLU",
+    "batch_channel_norm",
+    "disable_fast_path",
+    "enable_fast_path",
+]
 
 
 class KernelBatchChannelNorm2d(BatchChannelNorm2d):
     """A :class:`BatchChannelNorm2d` computed in its kernels where they apply
-    (:func:`~wsbcn_d2.cuda.bcn_function.runs_on_kernels`), estimate update included."""
+    (:func:`~wsbcn_d2.cuda.bcn_function.runs_on_kernels`), estimate update included, which can also
+    add a residual and apply a ReLU (:func:`batch_channel_norm`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
+    ) -> torch.Tensor:
+        if residual is not None and residual.shape != x.shape:
+            shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
+            raise ValueError(f"BCN's residual must have the input's shape {shapes}")
         if runs_on_kernels(self, x):
-            return on_kernels(self, x)
-        return super().forward(x)
+            return on_kernels(self, x, residual, relu)
+        return _add_relu_(super().forward(x), residual, relu)
+
+
+def batch_channel_norm(
+    bcn: BatchChannelNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
+) -> torch.Tensor:
+    """``bcn(x)``, plus ``residual`` (x's shape) if given, then a ReLU if ``relu``: detectron2's
+    ``out += shortcut; F.relu_(out)`` after a BCN, inside BCN's kernels on the fast path."""
+    if isinstance(bcn, KernelBatchChannelNorm2d):
+        return bcn(x, residual, relu)
+    return _add_relu_(bcn(x), residual, relu)
+
+
+def _add_relu_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    if residual is not None:
+        y += residual
+    return F.relu_(y) if relu else y
 
 
 class WSConvBCNReLU(GroupedWSConv2d):

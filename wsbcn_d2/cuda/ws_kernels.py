@@ -31,14 +31,16 @@ if triton is not None:
 
     @triton.jit
     def _ws_forward_kernel(
-        w_ptr,          # (total,) the flat weights, any float dtype
-        out_ptr,        # (total,) float32: W_hat
-        root_ptr,       # (rows,) float32: r per row, for the backward
+        w_ptr,  # (total,) the flat weights, any float dtype
+        out_ptr,  # (total,) float32: W_hat
+        root_ptr,  # (rows,) float32: r per row, for the backward
         row_start_ptr,  # (rows,) int64: where each row starts in the flat buffer
-        row_len_ptr,    # (rows,) int32: n, the row's length (a filter's fan-in)
+        row_len_ptr,  # (rows,) int32: n, the row's length (a filter's fan-in)
         eps,
-        UNBIASED: tl.constexpr, EPS_IN_ROOT: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+        UNBIASED: tl.constexpr,
+        EPS_IN_ROOT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # one program per row: two passes for mean and variance, one to write W_hat
         row = tl.program_id(0)
         start = tl.load(row_start_ptr + row)
@@ -68,15 +70,17 @@ if triton is not None:
 
     @triton.jit
     def _ws_backward_kernel(
-        g_ptr,          # (total,) the gradient of W_hat, any float dtype
-        w_hat_ptr,      # (total,) float32: the forward's W_hat
-        root_ptr,       # (rows,) float32: the forward's r
-        grad_ptr,       # (total,) float32: dW
+        g_ptr,  # (total,) the gradient of W_hat, any float dtype
+        w_hat_ptr,  # (total,) float32: the forward's W_hat
+        root_ptr,  # (rows,) float32: the forward's r
+        grad_ptr,  # (total,) float32: dW
         row_start_ptr,  # (rows,) int64
-        row_len_ptr,    # (rows,) int32
+        row_len_ptr,  # (rows,) int32
         eps,
-        UNBIASED: tl.constexpr, EPS_IN_ROOT: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+        UNBIASED: tl.constexpr,
+        EPS_IN_ROOT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         start = tl.load(row_start_ptr + row)
         n = tl.load(row_len_ptr + row)
@@ -117,9 +121,15 @@ def ws_rows_forward(
 
 
 def ws_rows_backward(
-    grad: torch.Tensor, w_hat: torch.Tensor, root: torch.Tensor, row_start: torch.Tensor, row_len: torch.Tensor,
-    eps: float, unbiased: bool, eps_in_root: bool,
-) -> torch.Tensor:  # fmt: skip
+    grad: torch.Tensor,
+    w_hat: torch.Tensor,
+    root: torch.Tensor,
+    row_start: torch.Tensor,
+    row_len: torch.Tensor,
+    eps: float,
+    unbiased: bool,
+    eps_in_root: bool,
+) -> torch.Tensor:
     """The gradient of :func:`ws_rows_forward` (same form) with respect to ``flat``, in float32."""
     out = torch.empty_like(w_hat)
     if row_start.numel():
