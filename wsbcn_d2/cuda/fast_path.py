@@ -41,9 +41,7 @@ class KernelBatchChannelNorm2d(BatchChannelNorm2d):
     (:func:`~wsbcn_d2.cuda.bcn_function.runs_on_kernels`), estimate update included, which can also
     add a residual and apply a ReLU (:func:`batch_channel_norm`)."""
 
-    def forward(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
         if residual is not None and residual.shape != x.shape:
             shapes = f"{tuple(x.shape)}, got {tuple(residual.shape)}"
             raise ValueError(f"BCN's residual must have the input's shape {shapes}")
@@ -70,7 +68,7 @@ def _add_relu_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) ->
 
 class WSConvBCNReLU(GroupedWSConv2d):
     """A ResNet block's WS conv with a BCN: ``relu(BCN(conv(x)) + residual)``, ``residual`` optional,
-    the addition and the ReLU inside BCN's kernels (:func:`~wsbcn_d2.cuda.bcn_function.batch_channel_norm`)."""
+    the addition and the ReLU inside BCN's kernels (:func:`batch_channel_norm`)."""
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_tracing():
