@@ -87,8 +87,10 @@ def _stop_direct_launches(error: Exception) -> None:
     _COMPILED.clear()
     logging.getLogger(__name__).warning(
         "Triton kernels: direct launches failed (%s: %s) with triton %s; launching through Triton from now on",
-        type(error).__name__, error, triton.__version__,
-    )  # fmt: skip
+        type(error).__name__,
+        error,
+        triton.__version__,
+    )
 
 
 def _launch_hooks() -> Tuple[Optional[Callable], Optional[Callable]]:
