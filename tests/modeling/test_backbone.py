@@ -211,3 +211,14 @@ def test_block_conv_adds_the_residual_before_its_relu(norm):
     (d_residual,) = torch.autograd.grad(got.square().sum(), z)
     (expected_d_residual,) = torch.autograd.grad(expected.square().sum(), z)
     torch.testing.assert_close(d_residual, expected_d_residual, rtol=1e-4, atol=1e-4)
+
+
+@needs_fast_path
+def test_bcn_head_convs_apply_their_relu_in_bcn():
+    # the box and mask heads' conv towers: a BCN, then their ReLU activation, inside BCN's kernels
+    model = build_model(load_config(BASE))
+    towers = [*model.roi_heads.box_head.conv_norm_relus, *model.roi_heads.mask_head.conv_norm_relus]
+    assert len(towers) == 8 and all(type(c) is WSConvBCNReLU and isinstance(c.activation, nn.ReLU) for c in towers)
+    restored = disable_fast_path(model)
+    assert all(type(c) is WSConv2d and isinstance(c.activation, nn.ReLU) for c in towers)
+    assert not any(type(m).__module__.startswith("wsbcn_d2.cuda") for m in restored.modules())

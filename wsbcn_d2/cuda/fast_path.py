@@ -7,14 +7,15 @@ does), never parameters, buffers or the state dict:
 - every :class:`BatchChannelNorm2d` becomes a :class:`KernelBatchChannelNorm2d`;
 - detectron2's ResNet stems and blocks whose convs carry BCNs let those convs
   apply the ReLUs that follow them, and the block's last conv the shortcut
-  addition before its ReLU (:class:`WSConvBCNReLU`), so that BCN runs both
-  inside its kernels: per block and step, one ReLU kernel and autograd node
-  less per conv and an addition less.
+  addition before its ReLU; so do WS convs with a BCN and a ReLU activation (the
+  box and mask heads' conv towers) (:class:`WSConvBCNReLU`). BCN runs both inside
+  its kernels: per conv and step, one ReLU kernel and autograd node less, and an
+  addition less per block.
 
 Each of them runs the layers' torch code where the kernels do not apply (CPU
 tensors, float64, tracing), so the model computes the same function either way.
 """
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
@@ -67,8 +68,9 @@ def _add_relu_(y: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) ->
 
 
 class WSConvBCNReLU(GroupedWSConv2d):
-    """A ResNet block's WS conv with a BCN: ``relu(BCN(conv(x)) + residual)``, ``residual`` optional,
-    the addition and the ReLU inside BCN's kernels (:func:`batch_channel_norm`)."""
+    """A WS conv with a BCN, followed by a ReLU (its ``activation``, or the ReLU after it in a ResNet block):
+    ``relu(BCN(conv(x)) + residual)``, ``residual`` optional, the addition and the ReLU inside BCN's kernels
+    (:func:`batch_channel_norm`)."""
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_tracing():
@@ -135,16 +137,23 @@ def enable_fast_path(module: nn.Module) -> nn.Module:
         if fused_block is None:
             continue
         block_convs = [getattr(m, name) for name in fused_block.relu_convs]
-        if all(_carries_bcn(conv) for conv in block_convs):
+        if all(_carries_bcn(conv) and conv.activation is None for conv in block_convs):
             m.__class__ = fused_block
             for conv in block_convs:
                 conv.__class__ = WSConvBCNReLU
+    for conv in module.modules():
+        if _carries_bcn(conv) and _is_relu(conv.activation):
+            conv.__class__ = WSConvBCNReLU
     return module
 
 
 def _carries_bcn(conv: nn.Module) -> bool:
-    """A grouped WS conv with a BCN and no activation of its own."""
-    return isinstance(conv, GroupedWSConv2d) and isinstance(conv.norm, BatchChannelNorm2d) and conv.activation is None
+    """A grouped WS conv (not yet fused) with a BCN."""
+    return type(conv) is GroupedWSConv2d and isinstance(conv.norm, BatchChannelNorm2d)
+
+
+def _is_relu(activation: Optional[Callable]) -> bool:
+    return activation is F.relu_ or activation is F.relu or isinstance(activation, nn.ReLU)
 
 
 def disable_fast_path(module: nn.Module) -> nn.Module:
