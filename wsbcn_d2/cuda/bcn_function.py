@@ -1,7 +1,7 @@
 """BCN in its kernels, as an autograd function, with a ResNet block's addition and ReLU fused."""
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 from detectron2.utils import comm
@@ -11,17 +11,6 @@ from . import dispatch
 from .bcn_kernels import bcn_backward, bcn_forward
 
 __all__ = ["on_kernels", "runs_on_kernels"]
-
-
-class _Settings(NamedTuple):
-    """The non-tensor arguments of :func:`bcn_forward` (one argument of ``Function.apply``: each costs host time)."""
-
-    bn_eps: float
-    gn_eps: float
-    update_rate: float
-    update: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
-    out_dtype: torch.dtype
-    relu: bool
 
 
 def _bcn_backward(ctx, dy: torch.Tensor) -> tuple:
@@ -45,9 +34,14 @@ class _BCNKernels(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, settings: _Settings):
-        y, saved = bcn_forward(x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, *settings)
-        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if settings.relu else None)
+    def forward(ctx, x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, settings: tuple):
+        # settings: bcn_forward's non-tensor arguments, one argument of Function.apply (each costs host time)
+        bn_eps, gn_eps, update_rate, update, out_dtype, relu = settings
+        y, saved = bcn_forward(
+            x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+            bn_eps, gn_eps, update_rate, update, out_dtype, relu,
+        )  # fmt: skip
+        ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if relu else None)
         ctx.residual_gradient = ctx.needs_input_grad[1]
         residual_dtype = None if residual is None else residual.dtype
         ctx.dtypes = (bn_weight.dtype, bn_bias.dtype, weight.dtype, bias.dtype, residual_dtype)
@@ -81,7 +75,7 @@ def on_kernels(
     sync: Optional[Callable] = None
     if update and comm.get_world_size() > 1:
         sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
-    settings = _Settings(bn.eps, bcn.eps, bn.update_rate if update else 0.0, sync, group_norm_output_dtype(x), relu)
+    settings = (bn.eps, bcn.eps, bn.update_rate if update else 0.0, sync, group_norm_output_dtype(x), relu)
     tensors = (x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var, bcn.weight, bcn.bias)
     if torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors]):
         return _BCNKernels.apply(*tensors, settings)

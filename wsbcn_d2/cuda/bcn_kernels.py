@@ -649,17 +649,16 @@ def bcn_forward(
         update(*workspace[: 2 * n * c].view(2, n, c))  # the moments
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rate_and_eps = (float(update_rate), float(bn_eps), float(gn_eps))
-    output = dict(RESIDUAL=residual is not None, RELU=relu)
     if fused is not None:
         fused_launch, hw_blocks = fused
         args = (x, z, y, workspace, *params, *shape, *rate_and_eps)
-        meta = dict(UPDATE=kernel_update, **output, **fused_launch)
+        meta = dict(UPDATE=kernel_update, RESIDUAL=residual is not None, RELU=relu, **fused_launch)
         launch(_bcn_forward_fused_kernel, (groups, hw_blocks), args, meta, key)
         return y, (x, workspace)
     args = (workspace, *params, n, c, groups, *rate_and_eps)
     launch(_bcn_forward_finalize_kernel, (groups,), args, dict(UPDATE=kernel_update, **_group_launch(c // groups)), key)
-    args = (x, z, x, y, workspace, *shape)
-    launch(_bcn_apply_kernel, grid_split, args, dict(TWO_INPUTS=False, **output, **launch_rows), key)
+    meta = dict(TWO_INPUTS=False, RESIDUAL=residual is not None, RELU=relu, **launch_rows)
+    launch(_bcn_apply_kernel, grid_split, (x, z, x, y, workspace, *shape), meta, key)
     return y, (x, workspace)
 
 

@@ -75,8 +75,8 @@ class WSConvBCNReLU(GroupedWSConv2d):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_tracing():
             raise export_error(type(self).__name__)
-        x = self._conv_forward(x, self.standardized_weight(), self.bias)
-        return batch_channel_norm(self.norm, x, residual, relu=True)
+        # the norm is a KernelBatchChannelNorm2d (enable_fast_path converts every BCN)
+        return self.norm(self._conv_forward(x, self.standardized_weight(), self.bias), residual, True)
 
 
 class _BasicStem(BasicStem):
