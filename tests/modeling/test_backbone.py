@@ -11,7 +11,7 @@ from torch import nn
 
 import helpers
 from helpers import load_config
-from wsbcn_d2.cuda import WSConvGroup, batch_channel_norm, bcn_function, dispatch, fast_path, ws_group
+from wsbcn_d2.cuda import WSConvGroup, bcn_function, dispatch, ws_group
 from wsbcn_d2.cuda import disable_fast_path, enable_fast_path
 from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d, WSConvBCNReLU
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, standardize_weight
@@ -119,13 +119,11 @@ def test_fast_path_keeps_each_blocks_function(monkeypatch, block, norm, code):
     fused = norm == "BCN"
     assert (type(converted) is not type(original)) == fused and isinstance(converted, type(original))
     assert all(isinstance(getattr(converted, name), WSConvBCNReLU) == fused for name in relu_convs)
-    calls = []  # a BCN carried by a WS conv applies the ReLU (and the shortcut): batch_channel_norm's arguments
-
-    def recorded(bcn, x, residual=None, relu=False):
-        calls.append((relu, residual is not None))
-        return batch_channel_norm(bcn, x, residual, relu)
-
-    monkeypatch.setattr(fast_path, "batch_channel_norm", recorded)
+    calls = []  # a BCN carried by a WS conv applies the ReLU (and the shortcut): its (residual, relu) arguments
+    for name in relu_convs:
+        getattr(converted, name).norm.register_forward_pre_hook(
+            lambda m, args: calls.append((args[2], args[1] is not None)) if len(args) == 3 else None
+        )
 
     x = torch.randn(2, 3 if block == "stem" else 16, 12, 10)
     expected = block_results(original, x)
@@ -194,14 +192,14 @@ def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkey
     assert sum(bcn.values()) == sum(gn.values()) - 4 * trained_blocks + 1 + 2 * trained_norms
 
 
+@needs_fast_path
 @pytest.mark.parametrize("norm", ["BCN", "large-batch BCN"])
 def test_block_conv_adds_the_residual_before_its_relu(norm):
     # WSConvBCNReLU (a fused block's conv): relu(BCN(conv(x)) + residual), gradients included; the torch code
     torch.manual_seed(0)
     bcn = helpers.randomized_bcn(8, 4).eval() if norm == "BCN" else helpers.randomized_bcn(8, 4, estimate=False)
-    conv = WSConv2d(4, 8, 3, padding=1, bias=False, norm=bcn)
-    WSConvGroup([conv])
-    conv.__class__ = WSConvBCNReLU
+    conv = enable_fast_path(WSConv2d(4, 8, 3, padding=1, bias=False, norm=copy.deepcopy(bcn), activation=nn.ReLU()))
+    assert type(conv) is WSConvBCNReLU
     x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
     weight = standardize_weight(conv.weight.detach().double()).float()
     expected = torch.relu(bcn(nn.functional.conv2d(x, weight, padding=1)) + z)
