@@ -37,10 +37,8 @@ class _BCNKernels(torch.autograd.Function):
     def forward(ctx, x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias, settings: tuple):
         # settings: bcn_forward's non-tensor arguments, one argument of Function.apply (each costs host time)
         bn_eps, gn_eps, update_rate, update, out_dtype, relu = settings
-        y, saved = bcn_forward(
-            x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias,
-            bn_eps, gn_eps, update_rate, update, out_dtype, relu,
-        )  # fmt: skip
+        tensors = (x, residual, bn_weight, bn_bias, running_mean, running_var, weight, bias)
+        y, saved = bcn_forward(*tensors, bn_eps, gn_eps, update_rate, update, out_dtype, relu)
         ctx.save_for_backward(*saved, bn_weight, bn_bias, weight, y if relu else None)
         ctx.residual_gradient = ctx.needs_input_grad[1]
         residual_dtype = None if residual is None else residual.dtype
