@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers.bcn import BatchChannelNorm2d
-from ..layers.ws_conv import WSConv2d, export_error
+from ..layers.ws_conv import WSConv2d
 from . import dispatch
 from .bcn_function import on_kernels, runs_on_kernels
 from .ws_group import GroupedWSConv2d, WSConvGroup
@@ -73,9 +73,7 @@ class WSConvBCNReLU(GroupedWSConv2d):
     (:func:`batch_channel_norm`)."""
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            raise export_error(type(self).__name__)
-        # the norm is a KernelBatchChannelNorm2d (enable_fast_path converts every BCN)
+        # the norm is a KernelBatchChannelNorm2d (enable_fast_path converts every BCN), which also refuses tracing
         return self.norm(self._conv_forward(x, self.standardized_weight(), self.bias), residual, True)
 
 
@@ -130,20 +128,18 @@ def enable_fast_path(module: nn.Module) -> nn.Module:
     convs = [m for m in module.modules() if isinstance(m, WSConv2d)]
     if convs:
         WSConvGroup(convs)
-    for m in module.modules():
+    for m in module.modules():  # a block before its convs, a conv before its norm
         if type(m) is BatchChannelNorm2d:
             m.__class__ = KernelBatchChannelNorm2d
-        fused_block = _FUSED_BLOCKS.get(type(m))
-        if fused_block is None:
-            continue
-        block_convs = [getattr(m, name) for name in fused_block.relu_convs]
-        if all(_carries_bcn(conv) and conv.activation is None for conv in block_convs):
-            m.__class__ = fused_block
-            for conv in block_convs:
-                conv.__class__ = WSConvBCNReLU
-    for conv in module.modules():
-        if _carries_bcn(conv) and _is_relu(conv.activation):
-            conv.__class__ = WSConvBCNReLU
+        elif type(m) in _FUSED_BLOCKS:
+            fused_block = _FUSED_BLOCKS[type(m)]
+            block_convs = [getattr(m, name) for name in fused_block.relu_convs]
+            if all(_carries_bcn(conv) and conv.activation is None for conv in block_convs):
+                m.__class__ = fused_block
+                for conv in block_convs:
+                    conv.__class__ = WSConvBCNReLU
+        elif _carries_bcn(m) and _is_relu(m.activation):
+            m.__class__ = WSConvBCNReLU
     return module
 
 
