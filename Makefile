@@ -24,8 +24,11 @@ demo: $(STAMP)
 	@echo "Demo outputs in $(DEMO_OUT): model_final.pth, metrics.json, events.out.tfevents.*," \
 		"inference/ (COCO results), predictions/*.png (ground truth | prediction)"
 
+# The suite under this CPU's own kernels, then its float32 comparisons under torch's portable ones
+# (ATEN_CPU_CAPABILITY=default, 1 thread): a tolerance must hold on any x86 CPU (docs/testing.md).
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+	$(PY) tests/numerics_sweep.py --capabilities default --threads 1
 
 # On a CUDA machine: kernel tests compiled, benchmark tables in docs/gpu/ (tools/gpu_check.sh).
 gpu-check: $(STAMP)

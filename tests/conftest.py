@@ -24,3 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # third-party deprecation noise (torch.jit.script in detectron2, pkg_resources in model_zoo)
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning:torch.jit._script")
     config.addinivalue_line("filterwarnings", "ignore:pkg_resources is deprecated:UserWarning")
+    config.addinivalue_line(
+        "markers", "numerics: compares rounded results across code paths (tests/numerics_sweep.py runs these under "
+        "each CPU capability)"
+    )

@@ -1,7 +1,9 @@
 """Shared test helpers: configs from the repository, a tiny synthetic training input, the
-scripts of tools/ as modules, a check that tools/train_net.py fails cleanly on bad input, and
-each source's own WS line with filters as small as trained ones."""
+scripts of tools/ as modules, a check that tools/train_net.py fails cleanly on bad input,
+each source's own WS line with filters as small as trained ones, and the float64 yardstick of
+float32 comparisons."""
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -179,3 +181,62 @@ def trained_ws_filters_(weight: torch.Tensor, generator: torch.Generator) -> tor
         mean = torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-2
         weight.copy_(noise * log_std.exp() + mean)
     return weight
+
+
+# ------------------------------------------------------------------- comparisons of rounded results
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Norm-wise relative error ``|value - reference| / |reference|`` (Frobenius norms, float64)."""
+    reference = reference.detach().double()
+    difference = (value.detach().double() - reference).norm()
+    return float(difference / reference.norm()) if reference.norm() > 0 else float(difference)
+
+
+def error_bound(baseline: torch.Tensor, reference: torch.Tensor, factor: float = 4.0) -> float:
+    """What another code path of ``baseline``'s computation may miss ``reference`` by.
+
+    ``baseline`` is the torch code's result in a rounding dtype, ``reference`` the same computation in
+    float64. The bound is ``factor`` times the torch code's own norm-wise error, and never less than
+    ``factor * 8`` units of rounding ``u = eps / 2`` of that dtype: a handful of correctly rounded
+    operations, which summing in another order (another CPU vector width, a kernel's blocks, another
+    process count) may cost where the torch code happens to be exact.
+    """
+    unit = torch.finfo(baseline.dtype).eps / 2
+    return factor * max(relative_error(baseline, reference), 8 * unit)
+
+
+def assert_as_accurate(got: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor, factor: float = 4.0,
+                       msg: str = "") -> None:
+    """``got`` misses the float64 ``reference`` by at most :func:`error_bound` of the torch code's ``baseline``.
+
+    Two float32 codes never agree to a constant: which CPU kernels torch picks (``ATEN_CPU_CAPABILITY``
+    default / avx2 / avx512), the thread count, a kernel's block sizes and the interpreter's numpy all
+    change the order of sums. Their distances from float64 are comparable on every machine; a constant
+    tolerance between the two holds only where it was fitted. Integer tensors (counters) must be equal.
+    """
+    assert got.shape == reference.shape, (msg, got.shape, reference.shape)
+    if not baseline.is_floating_point():  # counters: exact
+        assert torch.equal(got, baseline) and torch.equal(got, reference.to(got.dtype)), msg
+        return
+    error, bound = relative_error(got, reference), error_bound(baseline, reference, factor)
+    if os.environ.get("WSBCN_ERROR_LOG"):  # tests/numerics_sweep.py: the margins under each CPU capability
+        with open(os.environ["WSBCN_ERROR_LOG"], "a") as log:
+            test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+            print(json.dumps(dict(test=test, msg=msg, error=error, baseline=relative_error(baseline, reference),
+                                  bound=bound)), file=log)
+    assert error <= bound, f"{msg}: error {error:.3g} against float64, above {bound:.3g} " \
+        f"({factor:g} x the torch code's {relative_error(baseline, reference):.3g})"
+
+
+def allow_float64_models(monkeypatch) -> None:
+    """Let a float64 copy of a detectron2 model run: detectron2 decodes boxes in float32, and torchvision's
+    CPU nms then wants float32 scores too (a cast that keeps the order of all but float32-equal scores)."""
+    from detectron2.layers import batched_nms
+    from detectron2.modeling.meta_arch import retinanet
+    from detectron2.modeling.proposal_generator import proposal_utils
+    from detectron2.modeling.roi_heads import fast_rcnn
+
+    def nms(boxes, scores, *args):
+        return batched_nms(boxes.float(), scores.float(), *args)
+
+    for module in (proposal_utils, fast_rcnn, retinanet):
+        monkeypatch.setattr(module, "batched_nms", nms)

@@ -9,6 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 import helpers
+from helpers import assert_as_accurate
 from sources import official_file
 from test_convert import ROOT, plugin_cfg
 from wsbcn_d2.checkpoint import CheckpointError, WSBCNCheckpointer, check_weights, convert_checkpoint, save_checkpoint
@@ -100,6 +101,18 @@ def test_train_net_stops_before_training_on_another_form(tmp_path):
     assert "MODEL.WEIGHTS_ALLOW_WS_MISMATCH" in last
 
 
+DTYPES = (torch.float32, torch.float64)
+
+
+def estimate_update(mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, rate: float, dtype) -> tuple:
+    """The paper's estimate update from a layer's input ``x``, in ``dtype``."""
+    mean, var, x = mean.to(dtype), var.to(dtype), x.to(dtype)
+    batch_mean = x.mean(dim=(0, 2, 3))
+    batch_var = (x - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
+    return (1 - rate) * mean + rate * batch_mean, (1 - rate) * var + rate * batch_var
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("rate", [0.1, 0.0])
 def test_fine_tuning_moves_the_loaded_estimates_by_the_paper_rule(tmp_path, rate):
     """Converted ``pbn`` statistics are micro-batch BCN's estimates; each training step moves them by
@@ -116,25 +129,21 @@ def test_fine_tuning_moves_the_loaded_estimates_by_the_paper_rule(tmp_path, rate
 
     inputs = {}
     for name, m in bcns.items():
-        m.register_forward_pre_hook(lambda module, args, name=name: inputs.update({name: args[0].detach().double()}))
+        m.register_forward_pre_hook(lambda module, args, name=name: inputs.update({name: args[0].detach().clone()}))
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.01)
     backbone.train()
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
-        before = {n: (m.batch_norm.running_mean.double(), m.batch_norm.running_var.double()) for n, m in bcns.items()}
+        before = {n: (m.batch_norm.running_mean.clone(), m.batch_norm.running_var.clone()) for n, m in bcns.items()}
         outputs = backbone(torch.randn(2, 3, 64, 64, generator=generator))
         sum(o.square().mean() for o in outputs.values()).backward()
         optimizer.step()
         optimizer.zero_grad()
         for name, m in bcns.items():
-            old_mean, old_var = before[name]
-            x = inputs[name]
-            batch_mean = x.mean(dim=(0, 2, 3))
-            batch_var = (x - old_mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
-            expected_mean = (1 - rate) * old_mean + rate * batch_mean
-            expected_var = (1 - rate) * old_var + rate * batch_var
-            torch.testing.assert_close(m.batch_norm.running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(m.batch_norm.running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
+            # the update from the layer's input, in float32 (the yardstick of the layer's rounding) and float64
+            expected32, expected = (estimate_update(*before[name], inputs[name], rate, dtype) for dtype in DTYPES)
+            for got, e32, e64 in zip((m.batch_norm.running_mean, m.batch_norm.running_var), expected32, expected):
+                assert_as_accurate(got, e32, e64, msg=name)
     for name, m in bcns.items():
         moved = not torch.equal(m.batch_norm.running_mean, loaded[name][0])
         assert moved == (rate > 0), name

@@ -91,6 +91,7 @@ def test_two_processes_hold_identical_estimates_and_resume(dataset_opts, tmp_pat
         torch.testing.assert_close(resumed[0]["losses"][name], values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_two_processes_estimate_as_one_process_over_both_batches(dataset_opts, tmp_path):
     # with the weights held (LR 0) the estimates depend on the images alone: process r of 2
     # gets the stream's elements r, r + 2, ..., one process at 2 images per batch gets both

@@ -1,8 +1,10 @@
-"""The Triton kernels of WS and BCN against the torch path (float64) they replace on CUDA.
+"""The Triton kernels of WS and BCN against the torch path they replace on CUDA.
 
 On a machine without CUDA the kernels run on CPU tensors through Triton's
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1 there) and the dispatch
 is forced onto them; on a GPU they run compiled, through the normal dispatch.
+Each result is compared with the torch path in float64, within a few times the
+float32 torch path's own error (helpers.assert_as_accurate).
 """
 import copy
 import functools
@@ -18,7 +20,7 @@ from wsbcn_d2.cuda import WSConvGroup, batch_channel_norm, bcn_kernels, dispatch
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
 from wsbcn_d2.layers.bcn import group_norm_output_dtype
 
-pytestmark = pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(launcher.triton is None, reason="triton is not installed"), pytest.mark.numerics]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -55,18 +57,25 @@ def ws_convs(seed: int = 0, dtype=torch.float32, eps: float = 1e-5, form: str = 
     return convs
 
 
+def standardize_and_backward(weight: torch.Tensor, grad: torch.Tensor, eps: float, form: str) -> tuple:
+    """The source's own WS line of ``form`` in ``weight``'s dtype, and the weight gradient of ``<W_hat, grad>``."""
+    weight = weight.detach().clone().requires_grad_()
+    w_hat = helpers.WS_SOURCE_LINES[form](weight.view(*weight.shape, *(1,) * (4 - weight.dim())), eps)
+    (w_hat.view_as(weight) * grad.to(weight.dtype)).sum().backward()
+    return w_hat.view_as(weight).detach(), weight.grad
+
+
 def check_group_against_formula(convs) -> None:
-    """One group's standardized weights and weight gradients against the float64 formula."""
+    """One group's standardized weights and weight gradients against the formula (float32 and float64)."""
     WSConvGroup(convs)
     weights = [conv.standardized_weight() for conv in convs]
     grads = [torch.randn_like(w) for w in weights]
     sum((w * g).sum() for w, g in zip(weights, grads)).backward()
     for conv, w, g in zip(convs, weights, grads):
-        w64 = conv.weight.detach().double().requires_grad_()
-        ref = reference_standardize(w64, conv.eps, conv.form)
-        (ref * g.double()).sum().backward()
-        torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+        baseline = standardize_and_backward(conv.weight, g, conv.eps, conv.form)
+        reference = standardize_and_backward(conv.weight.double(), g, conv.eps, conv.form)
+        for name, got, base, ref in zip(("W_hat", "weight gradient"), (w, conv.weight.grad), baseline, reference):
+            helpers.assert_as_accurate(got, base, ref, msg=f"{tuple(w.shape)} {name}")
 
 
 FORM_CASES = [("std+eps", 1e-5), ("var+eps", 1e-5), ("biased_var+eps", 1e-8)]
@@ -117,7 +126,8 @@ def tiny_model(seed: int = 0) -> nn.Sequential:
 def training_run(model: nn.Module, schedule: str, steps: int = 2):
     """Run ``schedule`` (f = forward, b = backward of everything so far, s = SGD step, e = eval forward)."""
     torch.manual_seed(1)
-    xs = [torch.randn(2, 3, 9, 7, device=DEVICE) for _ in range(schedule.count("f") + schedule.count("e"))]
+    dtype = next(model.parameters()).dtype
+    xs = [torch.randn(2, 3, 9, 7, device=DEVICE).to(dtype) for _ in range(schedule.count("f") + schedule.count("e"))]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses, outputs = [], []
     for op in schedule:
@@ -140,9 +150,10 @@ def training_run(model: nn.Module, schedule: str, steps: int = 2):
 def test_ws_group_training_equals_per_conv_path(kernels, monkeypatch, schedule):
     params, outputs = training_run(tiny_model(), schedule)
     torch_path(monkeypatch)
-    ref_params, ref_outputs = training_run(tiny_model(), schedule)
-    for p, r in zip(params + outputs, ref_params + ref_outputs):
-        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    baseline = sum(training_run(tiny_model(), schedule), [])
+    reference = sum(training_run(tiny_model().double(), schedule), [])  # the torch path: kernels take no float64
+    for i, (p, b, r) in enumerate(zip(params + outputs, baseline, reference)):
+        helpers.assert_as_accurate(p, b, r, msg=f"parameter or output {i}")
 
 
 def count_nodes(output: torch.Tensor, name: str) -> int:
@@ -158,22 +169,23 @@ def count_nodes(output: torch.Tensor, name: str) -> int:
 def test_ws_group_under_autocast_equals_per_conv_path(kernels, monkeypatch):
     # the group emits autocast's dtype (one cast for all convs instead of a cast node per conv);
     # a forward without autocast before the backward gets float32 weights again
-    def run():
-        model = tiny_model()
-        x = torch.randn(2, 3, 9, 7, device=DEVICE)
-        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+    def run(dtype=torch.float32, autocast=True):
+        model = tiny_model().to(dtype)
+        x = torch.randn(2, 3, 9, 7, device=DEVICE).to(dtype)
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
             weight = model[1].standardized_weight()
             out = model(x)
         plain = model(x)
-        (out.float().square().mean() + plain.square().mean()).backward()
+        (out.to(dtype).square().mean() + plain.square().mean()).backward()
         return weight.dtype, count_nodes(out, "ToCopyBackward0"), [out, plain] + [p.grad for p in model.parameters()]
 
     dtype, casts, got = run()
     torch_path(monkeypatch)
-    _, ref_casts, expected = run()
+    _, ref_casts, baseline = run()
+    *_, reference = run(torch.float64, autocast=False)
     assert dtype == torch.bfloat16 and casts == ref_casts - 3
-    for a, b in zip(got, expected):  # bf16 convs: rounding of the weights may differ by one ulp
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    for i, (a, b, r) in enumerate(zip(got, baseline, reference)):  # bf16 weights: rounding may differ by an ulp
+        helpers.assert_as_accurate(a, b, r, msg=f"output or gradient {i}")
 
 
 def test_ws_group_skips_frozen_convs(kernels):
@@ -207,10 +219,11 @@ def test_ws_group_under_ddp(kernels, tmp_path):
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         x = torch.randn(2, 3, 6, 6)
         ddp(x).square().mean().backward()
-        ref = tiny_model()
-        ref(x).square().mean().backward()
-        for p, r in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-7)
+        baseline, reference = tiny_model(), tiny_model().double()
+        baseline(x).square().mean().backward()
+        reference(x.double()).square().mean().backward()
+        for p, b, r in zip(model.parameters(), baseline.parameters(), reference.parameters()):
+            helpers.assert_as_accurate(p.grad, b.grad, r.grad, msg="weight gradient")
     finally:
         dist.destroy_process_group()
 
@@ -254,9 +267,9 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode,
     module = randomized_bcn(c, groups, estimate=mode != "large_batch_eval")
     if mode == "frozen":
         FrozenBatchNorm2d.convert_frozen_batchnorm(module)
-    reference = copy.deepcopy(module).double()
-    module.train(mode in ("estimate", "frozen"))
-    reference.train(module.training)
+    baseline, reference = copy.deepcopy(module), copy.deepcopy(module).double()
+    for m in (module, baseline, reference):
+        m.train(mode in ("estimate", "frozen"))
     for step in range(3):  # the estimates evolve over steps in "estimate"
         g = torch.Generator().manual_seed(step)
         x = (torch.randn(n, c, h, w, generator=g) * 3 + step).to(DEVICE)
@@ -264,11 +277,17 @@ def test_bcn_kernels_match_float64_torch_path(kernels, monkeypatch, shape, mode,
         got = run_bcn(module, x, grad)
         with monkeypatch.context() as m:
             torch_path(m)
+            expected32 = run_bcn(baseline, x, grad)
             expected = run_bcn(reference, x.double(), grad.double())
-        for name, a, b in zip(BCN_GRADIENTS, got, expected):
-            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
-        for key, value in bcn_state(module).items():
-            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+        for name, a, b, r in zip(BCN_GRADIENTS, got, expected32, expected):
+            helpers.assert_as_accurate(a, b, r, msg=f"{name}, step {step}")
+        assert_estimates_as_accurate(module, baseline, reference)
+
+
+def assert_estimates_as_accurate(module: BatchChannelNorm2d, baseline: BatchChannelNorm2d, reference) -> None:
+    """``module``'s BCN estimates against the float64 ``reference``'s, as close as the torch path's ``baseline``."""
+    for key, value in bcn_state(module).items():
+        helpers.assert_as_accurate(value, bcn_state(baseline)[key], bcn_state(reference)[key], msg=key)
 
 
 BCN_GRADIENTS = ["output", "dx", "d_bn_weight", "d_bn_bias", "d_weight", "d_bias"]
@@ -316,7 +335,7 @@ def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypat
     n, c, h, w, groups = shape
     relu, residual = "relu" in ops, "residual" in ops
     module = randomized_bcn(c, groups).train(training)
-    reference = copy.deepcopy(module).double()
+    baseline, reference = copy.deepcopy(module), copy.deepcopy(module).double()
     fused_torch_path = copy.deepcopy(module).double()
     for step in range(2):
         g = torch.Generator().manual_seed(step)
@@ -327,6 +346,7 @@ def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypat
         got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu))
         with monkeypatch.context() as m:
             torch_path(m)
+            expected32 = run_bcn_with_residual(baseline, x, z, grad, separate_forward(baseline, relu))
             expected = run_bcn_with_residual(
                 reference, x.double(), z64, grad.double(), separate_forward(reference, relu)
             )
@@ -335,14 +355,13 @@ def test_bcn_fused_residual_and_relu_match_float64_torch_path(kernels, monkeypat
             )
         if relu:
             assert 0 < (got[0] == 0).float().mean() < 1  # the ReLU clips a part of the output
-        for name, a, b, t in zip(BCN_GRADIENTS + ["d_residual"], got, expected, fused_torch):
+        for name, a, b32, b, t in zip(BCN_GRADIENTS + ["d_residual"], got, expected32, expected, fused_torch):
             if b is None:
-                assert a is None and t is None
+                assert a is None and b32 is None and t is None
                 continue
-            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}, step {step}: {s}")
+            helpers.assert_as_accurate(a, b32, b, msg=f"{name}, step {step}")
             torch.testing.assert_close(t, b, msg=lambda s: f"torch path, {name}, step {step}: {s}")
-        for key, value in bcn_state(module).items():
-            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+        assert_estimates_as_accurate(module, baseline, reference)
     if not training:  # the inference path (no autograd function) too
         with torch.no_grad():
             torch.testing.assert_close(batch_channel_norm(module, x, z, relu), got[0], rtol=0, atol=0)
@@ -389,13 +408,15 @@ def test_bcn_residual_of_another_dtype(kernels, monkeypatch):
     x = torch.randn(2, 16, 6, 5, device=DEVICE)
     z = torch.randn(2, 16, 6, 5, device=DEVICE).to(torch.bfloat16)
     grad = torch.randn(2, 16, 6, 5, device=DEVICE)
-    modules = randomized_bcn(16, 4), randomized_bcn(16, 4)
-    got = run_bcn_with_residual(modules[0], x, z, grad, fused_forward(modules[0], relu=True))
+    module = randomized_bcn(16, 4)
+    baseline, reference = copy.deepcopy(module), copy.deepcopy(module).double()
+    got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu=True))
     torch_path(monkeypatch)
-    expected = run_bcn_with_residual(modules[1], x, z, grad, separate_forward(modules[1], relu=True))
+    expected32 = run_bcn_with_residual(baseline, x, z, grad, separate_forward(baseline, relu=True))
+    expected = run_bcn_with_residual(reference, x.double(), z.double(), grad.double(), separate_forward(reference, True))
     assert got[0].dtype == torch.float32 and got[-1].dtype == torch.bfloat16
-    for name, a, b in zip(BCN_GRADIENTS + ["d_residual"], got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda s: f"{name}: {s}")
+    for name, a, b32, b in zip(BCN_GRADIENTS + ["d_residual"], got, expected32, expected):
+        helpers.assert_as_accurate(a, b32, b, msg=name)
 
 
 def test_bcn_residual_of_another_shape_is_an_error(kernels):
@@ -438,7 +459,7 @@ def test_bcn_kernels_without_gradients_match_torch_path(kernels, monkeypatch, tr
     # with nothing to differentiate the kernels run without the autograd function:
     # same output, same estimate update
     module = randomized_bcn(16, 4).train(training)
-    reference = copy.deepcopy(module).double()
+    baseline, reference = copy.deepcopy(module), copy.deepcopy(module).double()
     initial_mean = module.batch_norm.running_mean.clone()
     if why == "frozen_parameters":
         module.requires_grad_(False)
@@ -448,28 +469,30 @@ def test_bcn_kernels_without_gradients_match_torch_path(kernels, monkeypatch, tr
             out = module(x)
         with torch.no_grad(), monkeypatch.context() as m:
             torch_path(m)
-            expected = reference(x.double())
+            expected32, expected = baseline(x), reference(x.double())
         assert out.grad_fn is None
-        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-        for key, value in bcn_state(module).items():
-            torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+        helpers.assert_as_accurate(out, expected32, expected, msg=f"output, step {step}")
+        assert_estimates_as_accurate(module, baseline, reference)
     assert torch.equal(module.batch_norm.running_mean, initial_mean) != training  # updated in training only
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_bcn_kernels_half_inputs(kernels, dtype):
+def test_bcn_kernels_half_inputs(kernels, monkeypatch, dtype):
     module = randomized_bcn(16, 4)
-    reference = copy.deepcopy(module).double()
+    baseline, baseline32, reference = copy.deepcopy(module), copy.deepcopy(module), copy.deepcopy(module).double()
     x = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
     grad = torch.randn(2, 16, 6, 5, device=DEVICE).to(dtype)
     got = run_bcn(module, x, grad)
+    torch_path(monkeypatch)
+    expected_half = run_bcn(baseline, x, grad)
+    run_bcn(baseline32, x.float(), grad.float())
     expected = run_bcn(reference, x.double(), grad.double())
     assert got[0].dtype == dtype and got[1].dtype == dtype  # output and dx follow the input, as group norm's
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
-    for key, value in bcn_state(module).items():  # statistics in float32: estimates as from the rounded input
-        assert value.dtype == torch.float32
-        torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+    for name, a, b_half, b in zip(BCN_GRADIENTS, got, expected_half, expected):
+        helpers.assert_as_accurate(a, b_half, b, msg=name)
+    # statistics in float32: estimates as the float32 torch path's from the rounded input
+    assert all(value.dtype == torch.float32 for value in bcn_state(module).values())
+    assert_estimates_as_accurate(module, baseline32, reference)
 
 
 def test_bcn_kernels_empty_batch_keeps_estimates(kernels):
@@ -644,7 +667,7 @@ def test_bcn_kernels_full_size(monkeypatch, shape, ops):
     n, c, h, w, groups = shape
     relu = "relu" in ops
     module = randomized_bcn(c, groups)
-    reference = copy.deepcopy(module).double()
+    baseline, reference = copy.deepcopy(module), copy.deepcopy(module).double()
     x = torch.randn(n, c, h, w, device=DEVICE) * 2 + 0.5
     grad = torch.randn(n, c, h, w, device=DEVICE)
     z = torch.randn(n, c, h, w, device=DEVICE) if "residual" in ops else None
@@ -654,11 +677,11 @@ def test_bcn_kernels_full_size(monkeypatch, shape, ops):
     got = run_bcn_with_residual(module, x, z, grad, fused_forward(module, relu))
     with monkeypatch.context() as m:
         torch_path(m)
+        expected32 = run_bcn_with_residual(baseline, x, z, grad, separate_forward(baseline, relu))
         expected = run_bcn_with_residual(reference, x.double(), z64, grad.double(), separate_forward(reference, relu))
-    for a, b in zip(got, expected):
+    for name, a, b32, b in zip(BCN_GRADIENTS + ["d_residual"], got, expected32, expected):
         if b is None:
             assert a is None
             continue
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
-    for key, value in bcn_state(module).items():
-        torch.testing.assert_close(value.double(), bcn_state(reference)[key], rtol=1e-5, atol=1e-6)
+        helpers.assert_as_accurate(a, b32, b, msg=name)
+    assert_estimates_as_accurate(module, baseline, reference)

@@ -8,12 +8,13 @@ from torch.nn import functional as F
 import helpers
 from wsbcn_d2.layers import WSConv2d, standardize_weight
 
+pytestmark = pytest.mark.numerics
 EPS = 1e-5
 
 
-def reference_standardize(weight: torch.Tensor) -> torch.Tensor:
-    """Official code, restated: unbiased std over each filter, eps outside the root."""
-    w = weight.double()
+def reference_standardize(weight: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Official code, restated in ``dtype``: unbiased std over each filter, eps outside the root."""
+    w = weight.to(dtype)
     out = torch.empty_like(w)
     for o in range(w.shape[0]):
         f = w[o]
@@ -24,9 +25,10 @@ def reference_standardize(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reference_conv(conv: WSConv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    bias = None if conv.bias is None else conv.bias.double()
-    return F.conv2d(x.double(), reference_standardize(weight), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+def reference_conv(conv: WSConv2d, x: torch.Tensor, weight: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    w_hat = reference_standardize(weight, dtype)
+    return F.conv2d(x.to(dtype), w_hat, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 CASES = {
@@ -46,14 +48,15 @@ def test_forward_and_weight_grad_match_float64_formula(case):
     x = torch.randn(2, 8, 9, 11)
     out = conv(x)
 
-    w64 = conv.weight.detach().double().requires_grad_()
-    ref = reference_conv(conv, x, w64)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    # the formula in float32 (the yardstick of rounding) and float64
+    w32, w64 = (conv.weight.detach().to(dtype).requires_grad_() for dtype in (torch.float32, torch.float64))
+    ref32, ref = reference_conv(conv, x, w32, torch.float32), reference_conv(conv, x, w64)
+    helpers.assert_as_accurate(out, ref32, ref, msg="output")
 
     grad_out = torch.randn_like(ref)
-    out.backward(grad_out.float())
-    ref.backward(grad_out)
-    torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    for y in (out, ref32, ref):
+        y.backward(grad_out.to(y.dtype))
+    helpers.assert_as_accurate(conv.weight.grad, w32.grad, w64.grad, msg="weight gradient")
 
 
 def test_norm_activation_and_empty_input_as_parent():
@@ -131,8 +134,9 @@ def test_autocast_standardizes_in_float32(dtype):
     with torch.autocast("cpu", dtype=dtype):
         weight = conv.standardized_weight()
         out = conv(x)
-    # in float32: within float32 rounding of the float64 formula (a 16-bit standardization is ~1e-2 off)
-    torch.testing.assert_close(weight.double(), reference_standardize(conv.weight.detach()), rtol=1e-6, atol=1e-6)
+    # in float32: as close to the float64 formula as the float32 formula (a 16-bit standardization is ~1e-2 off)
+    w = conv.weight.detach()
+    helpers.assert_as_accurate(weight, reference_standardize(w, torch.float32), reference_standardize(w), msg="W_hat")
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), reference_conv(conv, x, conv.weight.detach()), rtol=0.05, atol=0.1)
 

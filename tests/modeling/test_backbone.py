@@ -95,6 +95,7 @@ def block_results(model: nn.Module, x: torch.Tensor) -> list:
 
 
 @needs_fast_path
+@pytest.mark.numerics
 @pytest.mark.parametrize("code", ["torch", "kernels"])
 @pytest.mark.parametrize("norm", ["GN", "BCN", "BCN without WS"])
 @pytest.mark.parametrize("block", list(BLOCKS))
@@ -126,10 +127,11 @@ def test_fast_path_keeps_each_blocks_function(monkeypatch, block, norm, code):
         )
 
     x = torch.randn(2, 3 if block == "stem" else 16, 12, 10)
+    reference = block_results(copy.deepcopy(layers_only).double(), x.double())  # the torch code in float64
     expected = block_results(original, x)
     assert converted.state_dict().keys() == original.state_dict().keys()
-    for a, b in zip(block_results(converted, x), expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i, (a, b, r) in enumerate(zip(block_results(converted, x), expected, reference)):
+        helpers.assert_as_accurate(a, b, r, msg=f"output, gradient or buffer {i}")
     shortcut_added = [block != "stem" and name == relu_convs[-1] for name in relu_convs]
     assert calls == ([(True, s) for s in shortcut_added] if fused else [])
 
@@ -193,6 +195,7 @@ def test_bcn_ws_backbone_graph_on_cuda_code_has_no_relu_or_shortcut_nodes(monkey
 
 
 @needs_fast_path
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", ["BCN", "large-batch BCN"])
 def test_block_conv_adds_the_residual_before_its_relu(norm):
     # WSConvBCNReLU (a fused block's conv): relu(BCN(conv(x)) + residual), gradients included; the torch code
@@ -201,14 +204,15 @@ def test_block_conv_adds_the_residual_before_its_relu(norm):
     conv = enable_fast_path(WSConv2d(4, 8, 3, padding=1, bias=False, norm=copy.deepcopy(bcn), activation=nn.ReLU()))
     assert type(conv) is WSConvBCNReLU
     x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6, requires_grad=True)
-    weight = standardize_weight(conv.weight.detach().double()).float()
-    expected = torch.relu(bcn(nn.functional.conv2d(x, weight, padding=1)) + z)
-    got = conv(x, z)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    def formula(dtype):  # the torch code: WS, conv, BCN, + residual, ReLU
+        weight = standardize_weight(conv.weight.detach().to(dtype))
+        return torch.relu(copy.deepcopy(bcn).to(dtype)(nn.functional.conv2d(x.to(dtype), weight, padding=1)) + z.to(dtype))
+
+    got, expected, expected64 = conv(x, z), formula(torch.float32), formula(torch.float64)
+    helpers.assert_as_accurate(got, expected, expected64, msg="output")
     assert 0 < (got == 0).float().mean() < 1  # the ReLU clips a part of the output
-    (d_residual,) = torch.autograd.grad(got.square().sum(), z)
-    (expected_d_residual,) = torch.autograd.grad(expected.square().sum(), z)
-    torch.testing.assert_close(d_residual, expected_d_residual, rtol=1e-4, atol=1e-4)
+    d_residuals = [torch.autograd.grad(y.square().sum(), z)[0] for y in (got, expected, expected64)]
+    helpers.assert_as_accurate(*d_residuals, msg="residual gradient")
 
 
 @needs_fast_path

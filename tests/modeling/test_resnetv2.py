@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from helpers import BIT_NARROW as NARROW
-from helpers import load_config, synthetic_batch
+from helpers import assert_as_accurate, load_config, synthetic_batch
 from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.cuda import dispatch, launcher
 from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d
@@ -100,12 +100,13 @@ def test_bad_resnetv2_values_name_their_key(opts, message):
     assert message in str(error.value)
 
 
+@pytest.mark.numerics
 @pytest.mark.skipif(launcher.triton is None, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreted kernels run on CPU tensors")
 def test_bcn_resnetv2_through_the_kernels_matches_torch_code(monkeypatch):
     """The CUDA fast path where it applies (the WS group, BCN's kernels with the pre-activation ReLUs
     fused), run by Triton's interpreter: as close to a float64 step of the torch code as the float32
-    torch code is (measured: at most 1.7x its relative error, about 3e-5)."""
+    torch code is (measured: at most 1.7x its relative error, about 3e-5), estimates included."""
     cfg = load_config(MASK_RCNN, *NARROW, "MODEL.RESNETV2.NORM", "BCN", "MODEL.RESNETV2.OUT_FEATURES", ["res2", "res3"])
     cfg.MODEL.BACKBONE.NAME = "build_ws_resnetv2_backbone"
     torch.manual_seed(0)
@@ -123,12 +124,13 @@ def test_bcn_resnetv2_through_the_kernels_matches_torch_code(monkeypatch):
         got = step(backbone, x)
     expected, expected64 = step(reference, x), step(reference64, x.double())
 
-    def error(values, name):
-        return ((values[name].double() - expected64[name]).norm() / expected64[name].norm()).item()
-
     assert len(expected64) == 2 + sum(1 for _ in backbone.parameters())
     for name in expected64:
-        assert error(got, name) <= 3 * error(expected, name) + 1e-6, name
-    for mod, ref in zip(backbone.modules(), reference.modules()):
-        if isinstance(mod, BatchChannelNorm2d):
-            torch.testing.assert_close(mod.batch_norm.running_mean, ref.batch_norm.running_mean, rtol=1e-5, atol=1e-6)
+        assert_as_accurate(got[name], expected[name], expected64[name], factor=3, msg=name)
+    modules = zip(backbone.modules(), reference.modules(), reference64.modules())
+    bcns = [m for m in modules if isinstance(m[0], BatchChannelNorm2d)]
+    assert len(bcns) > 10
+    for mod, ref, ref64 in bcns:
+        for key in ("running_mean", "running_var"):
+            estimates = [getattr(m.batch_norm, key) for m in (mod, ref, ref64)]
+            assert_as_accurate(*estimates, factor=3, msg=key)
