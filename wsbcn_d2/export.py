@@ -5,10 +5,13 @@ plain convs holding their standardized weights, BCN's batch step (fixed at
 inference) is folded into the conv that carries it, or into a frozen
 per-channel affine where the BCN is not a conv's norm (RetinaNet's per-level
 head norms), and what remains of BCN is a group normalization with a
-per-group affine. The graph then holds no custom op: torch's ONNX exporter
-writes GroupNorm as its reshape + ``InstanceNormalization`` pattern at opset 17
-(chosen over ``GroupNormalization``, whose opset-18 version takes a per-group
-affine that opset 21 replaced, and which older runtimes and TensorRT lack).
+per-group affine. The graph then holds no custom op, at opset 17. Group norms
+are written as :class:`ExportGroupNorm` (``ReduceMean`` and a ``MatMul`` with a
+constant group-averaging matrix) rather than torch's ``Reshape(N, G, -1)`` +
+``InstanceNormalization`` pattern, which onnxruntime cannot run on a batch of 0:
+the mask head's batch whenever nothing is detected. (``GroupNormalization``
+is no alternative: its opset-18 version takes a per-group affine that opset 21
+replaced, and older runtimes and TensorRT lack it.)
 
 As detectron2's ``tools/deploy/export_model.py``, models return their detections
 before the final resize to the original image: boxes in the network input's
@@ -37,6 +40,7 @@ __all__ = [
     "ONNX_OPSET",
     "DetectionDifference",
     "ExportError",
+    "ExportGroupNorm",
     "compare_detections",
     "export",
     "inference_function",
@@ -52,6 +56,23 @@ EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
 class ExportError(ValueError):
     """The model cannot be exported as asked (its meta-architecture, a layer that does not fold)."""
+
+
+class ExportGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and function) in operations that trace to a graph taking a batch of 0.
+
+    Each channel's mean over H x W, averaged over its group by a (C, C) matrix, is the group's mean; the
+    variance likewise, of the centred input (two passes, as ``F.group_norm``):
+    ``y = (x - mean_g) / sqrt(var_g + eps) * weight + bias``. No reshape of the batch dimension.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_group = self.num_channels // self.num_groups
+        group = torch.arange(self.num_channels, device=x.device) // per_group
+        average = (group[:, None] == group[None, :]).to(x.dtype) / per_group
+        centered = x - (x.mean(dim=(2, 3)) @ average)[:, :, None, None]
+        var = (centered.square().mean(dim=(2, 3)) @ average)[:, :, None, None]
+        return centered * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 def _rcnn_inference(model: GeneralizedRCNN, inputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, Instances]]:
@@ -87,7 +108,8 @@ def inference_function(model: nn.Module) -> Callable:
 
 
 def tracing_adapter(model: nn.Module, image: torch.Tensor, fold: bool = True) -> TracingAdapter:
-    """detectron2's :class:`TracingAdapter` around ``model`` (folded unless ``fold`` is False), in eval.
+    """detectron2's :class:`TracingAdapter` around ``model`` (folded, with :class:`ExportGroupNorm` group norms,
+    unless ``fold`` is False), in eval.
 
     ``image``: a (3, H, W) network input (already resized). The adapter maps it to the
     flattened detections (see :func:`compare_detections`).
@@ -105,6 +127,9 @@ def tracing_adapter(model: nn.Module, image: torch.Tensor, fold: bool = True) ->
                 f"{len(left)} WS / BCN layers did not fold into plain layers ({', '.join(left[:3])}): a BCN "
                 "without running statistics has no inference form to export"
             )
+        for m in model.modules():  # the folded model is a copy
+            if type(m) is nn.GroupNorm:
+                m.__class__ = ExportGroupNorm
     return TracingAdapter(model.eval(), [{"image": image}], inference).eval()
 
 

@@ -1,5 +1,6 @@
 """ONNX / TorchScript export of GN+WS and BCN+WS detectors: onnxruntime gives PyTorch's detections."""
 import copy
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from helpers import DEMO_CONFIG, REPO, SMALL, allow_float64_models, assert_as_accurate, error_bound, load_config
 from helpers import randomize_norms_, relative_error, synthetic_batch
-from wsbcn_d2.export import ExportError, export, load_exported, onnx_op_types, tracing_adapter
+from wsbcn_d2.export import ExportError, ExportGroupNorm, export, load_exported, onnx_op_types, tracing_adapter
 
 EXPORT_MODEL = f"{REPO}/tools/export_model.py"
 GN = ["MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN"]
@@ -22,6 +23,11 @@ CASES = {
     "retinanet_gn_ws": ("COCO-Detection/retinanet_R_50_FPN_1x_gn_ws.yaml", SMALL),
     "retinanet_bcn_ws": ("COCO-Detection/retinanet_R_50_FPN_1x_bcn_ws.yaml", SMALL),
 }  # fmt: skip
+FASTER_RCNN = {
+    "faster_rcnn_gn_ws": ("COCO-Detection/faster_rcnn_R_50_FPN_1x_gn_ws.yaml", SMALL),
+    "faster_rcnn_bcn_ws": ("COCO-Detection/faster_rcnn_R_50_FPN_1x_bcn_ws.yaml", SMALL),
+}
+DEFAULT_THRESHOLDS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.05]  # detectron2's
 # the tool's printed check (two float32 runtimes): scores and mask probabilities in [0, 1] within 1e-5, about
 # 170 units of float32 rounding (u = 6e-8); boxes within 1e-5 of the image side (measured: below 1e-6)
 TOLERANCE = {"boxes": 1e-5, "scores": 1e-5, "masks": 1e-5}
@@ -40,23 +46,33 @@ def detections(adapter, outputs) -> dict:
     return {k: v.tensor if k == "pred_boxes" else v for k, v in instances.get_fields().items()}
 
 
+def pair_detections(a: dict, b: dict, within: float = 1e-2) -> tuple:
+    """For each detection of ``a``, the detection of ``b`` of the same class whose box is nearest, where that is
+    closer than ``within`` pixels and no other detection of ``a`` pairs with it: (mask over ``a``, indices into b)."""
+    distance = (a["pred_boxes"][:, None].double() - b["pred_boxes"][None].double()).abs().amax(dim=2)
+    distance[a["pred_classes"][:, None] != b["pred_classes"][None]] = float("inf")
+    nearest, pair = distance.min(dim=1) if len(b["scores"]) else (distance.sum(1) + float("inf"), None)
+    paired = nearest < within
+    assert len(set(pair[paired].tolist())) == int(paired.sum()) if paired.any() else True
+    return paired, pair
+
+
 def assert_same_detections(adapter, got, expected, reference) -> None:
     """The detections ``got`` (flattened outputs of ``adapter``) are PyTorch's ``expected`` ones, and as close to
     the float64 ``reference`` as those are.
 
-    Near-equal scores of an untrained model order (and cut at the detection limit) differently in float64: the
-    float64 detection of the same class whose box is nearest pairs with each float32 one (most pair, within a
-    hundredth of a pixel); on the pairs, each float32 result misses float64 by at most ``assert_as_accurate``'s
-    bound, so the exported and PyTorch results differ by at most the sum of their bounds on all detections.
+    Near-equal scores order (and cut at the detection limit) differently in another runtime or in float64: each
+    detection pairs with the other's of the same class whose box is nearest (within a hundredth of a pixel); all
+    of ``got``'s pair, most of the float64 ones. On those, each float32 result misses float64 by at most
+    ``assert_as_accurate``'s bound, so the exported and PyTorch results differ by at most the sum of their bounds.
     """
     got, expected, reference = (detections(adapter, o) for o in (got, expected, reference))
     assert len(got["scores"]) == len(expected["scores"]) > 0
-    assert torch.equal(got["pred_classes"], expected["pred_classes"])
-    distance = (expected["pred_boxes"][:, None].double() - reference["pred_boxes"][None]).abs().amax(dim=2)
-    distance[expected["pred_classes"][:, None] != reference["pred_classes"][None]] = float("inf")
-    nearest, pair = distance.min(dim=1)
-    paired = nearest < 1e-2
-    assert paired.float().mean() > 0.8 and len(set(pair[paired].tolist())) == int(paired.sum())
+    paired, order = pair_detections(expected, got)
+    assert paired.all()
+    got = {k: v[order] for k, v in got.items()}  # in expected's order
+    paired, pair = pair_detections(expected, reference)
+    assert paired.float().mean() > 0.8
     for key in got.keys() - {"pred_classes"}:
         triple = got[key][paired], expected[key][paired], reference[key][pair[paired]]
         assert_as_accurate(*triple, msg=key)
@@ -79,7 +95,8 @@ def test_onnxruntime_detections_equal_pytorch(case, tmp_path, monkeypatch):
     path = export(adapter, image, "onnx", str(tmp_path))
     ops = onnx_op_types(onnx.load(path))
     assert set(ops) == {""}, ops  # the standard ONNX domain only: no custom op
-    assert "InstanceNormalization" in ops[""] and "Conv" in ops[""]  # GroupNorm's ONNX pattern
+    # group norms as ExportGroupNorm: no Reshape(N, G, -1) + InstanceNormalization, which fails on a batch of 0
+    assert {"ReduceMean", "MatMul", "Conv"} <= ops[""] and "InstanceNormalization" not in ops[""]
     exported, unfolded = load_exported(path), tracing_adapter(model, image, fold=False)
     reference = float64_adapter(model, image, monkeypatch)
     other_size = synthetic_batch(90, 140, seed=1)[0]["image"]  # not the traced size, nor a multiple of 32
@@ -108,6 +125,83 @@ def test_torchscript_detections_equal_pytorch_at_other_sizes(case, tmp_path, mon
 
 def run_tool(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, EXPORT_MODEL, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def classify_by_content(model, nothing: torch.Tensor, objects: torch.Tensor, margin: float = 8.0) -> None:
+    """Set the classifier so that, at the config's score threshold, ``nothing`` has no detection and ``objects``
+    has some (an untrained model scores every image alike).
+
+    Class 0's logit (relative to the threshold's) becomes ``margin * (d . f - m) / (high - low)`` for the
+    classifier's input features ``f`` (per RoI, or per position for RetinaNet's 3x3 conv: its centre tap), ``d``
+    the unit direction from the mean feature of ``nothing`` to the farthest feature of ``objects``, ``low`` and
+    ``high`` the two images' largest projections and ``m`` halfway between: each image's best detection lies
+    ``margin / 2`` logits either side of the threshold, unsaturated. The other classes are switched off.
+    """
+    rcnn = hasattr(model, "roi_heads")
+    layer = model.roi_heads.box_predictor.cls_score if rcnn else model.head.cls_score
+    threshold = model.roi_heads.box_predictor.test_score_thresh if rcnn else model.test_score_thresh
+    features = []
+    hook = layer.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))
+    per_image = []
+    for image in (nothing, objects):
+        features.clear()
+        with torch.no_grad():
+            model.inference([{"image": image}], do_postprocess=False) if rcnn else model([{"image": image}])
+        per_image.append(torch.cat([f.flatten(2).transpose(1, 2).flatten(0, 1) if f.dim() == 4 else f for f in features]))
+    hook.remove()
+    blank, crowded = per_image
+    farthest = crowded[(crowded - blank.mean(0)).norm(dim=1).argmax()]
+    direction = (farthest - blank.mean(0)) / (farthest - blank.mean(0)).norm()
+    low, high = (blank @ direction).max().item(), (crowded @ direction).max().item()
+    assert high > low, (low, high)
+    scale = margin / (high - low)
+    logit = math.log(threshold / (1 - threshold))  # score = threshold where class 0's logit = this (+ background's)
+    with torch.no_grad():
+        layer.weight.zero_(), layer.bias.fill_(-30.0)  # every class off
+        num_classes = model.roi_heads.num_classes if rcnn else model.num_classes
+        rows = [0] if rcnn else list(range(0, layer.weight.shape[0], num_classes))  # class 0 (of each anchor)
+        for anchor, row in enumerate(rows):
+            factor = scale * (1 + anchor / len(rows))  # RetinaNet: no ties between a position's anchors
+            if rcnn:
+                layer.weight[row] = factor * direction
+            else:
+                layer.weight[row, :, 1, 1] = factor * direction
+            layer.bias[row] = -factor * (low + high) / 2 + (0 if rcnn else logit)
+        if rcnn:  # the background's logit: 0 - logit, so that class 0 scores the threshold at the midpoint
+            layer.bias[-1] = -logit
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("case", [*CASES, "faster_rcnn_gn_ws", "faster_rcnn_bcn_ws"])
+def test_export_at_the_default_threshold_takes_empty_and_crowded_images(case, fmt, tmp_path, monkeypatch):
+    # traced on an image with detections, run on one without (the mask head's batch of 0 RoIs) and back
+    config, opts = {**CASES, **FASTER_RCNN}[case]
+    torch.manual_seed(0)
+    model = randomize_norms_(build_model(load_config(config, *opts, *DEFAULT_THRESHOLDS)).eval())
+    nothing, objects = torch.zeros(3, 96, 128), synthetic_batch(96, 128)[0]["image"]
+    classify_by_content(model, nothing, objects)
+    adapter = tracing_adapter(model, objects)
+    exported = load_exported(export(adapter, objects, fmt, str(tmp_path)))
+    unfolded, reference = tracing_adapter(model, objects, fold=False), float64_adapter(model, objects, monkeypatch)
+    with torch.no_grad():
+        assert not detections(adapter, exported(nothing))["scores"].numel()
+        assert not detections(adapter, unfolded(nothing))["scores"].numel()
+        assert_same_detections(adapter, exported(objects), unfolded(objects), reference(objects))
+        if "mask_rcnn" in case:
+            assert detections(adapter, exported(nothing))["pred_masks"].shape == (0, 1, 28, 28)
+
+
+def test_export_group_norm_is_group_norm():
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 12).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 12, 5, 7, dtype=torch.float64) * 2 + 1
+    expected64 = norm(x)
+    baseline = copy.deepcopy(norm).float()(x.float())
+    norm.float().__class__ = ExportGroupNorm
+    assert_as_accurate(norm(x.float()), baseline, expected64)
+    assert norm(torch.zeros(0, 12, 5, 7)).shape == (0, 12, 5, 7)
 
 
 @pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("torchscript", "TorchScript")])
