@@ -332,7 +332,8 @@ class WSBCNCheckpointer(DetectionCheckpointer):
         if self.evaluation:
             fix_text = f"set {keys}" if fix else "use the config the weights were trained with"
             raise CheckpointError(
-                f"{self._loading}: the heads do not fit the config ({found}), evaluated they would be random: {fix_text}"
+                f"{self._loading}: the heads do not fit the config ({found}), evaluated they would be random: "
+                + fix_text
             )
         logger.warning(
             f"{self._loading}: heads of another shape ({found}) start from scratch"
