@@ -114,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = build_model(cfg).eval()
         inference_function(model)  # an architecture without an export path fails before any loading
         if cfg.MODEL.WEIGHTS:
-            WSBCNCheckpointer.from_cfg(cfg, model).load(cfg.MODEL.WEIGHTS)
+            WSBCNCheckpointer.from_cfg(cfg, model, evaluation=True).load(cfg.MODEL.WEIGHTS)
         else:
             print("warning: MODEL.WEIGHTS is empty: exporting randomly initialized weights", file=sys.stderr)
         adapter = tracing_adapter(model, images[0])

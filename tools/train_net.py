@@ -71,7 +71,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        Trainer.build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        Trainer.build_checkpointer(cfg, model, evaluation=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -92,7 +92,7 @@ def check_inputs(args) -> None:
     cfg = load_config(args)
     if cfg.MODEL.MASK_ON and not args.eval_only:
         infer_mask_format(cfg.DATASETS.TRAIN, require_masks=True)
-    check_weights(cfg, resume=args.resume)
+    check_weights(cfg, resume=args.resume, evaluation=args.eval_only)
 
 
 def invoke_main() -> None:

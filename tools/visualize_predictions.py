@@ -21,6 +21,7 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.checkpoint import check_weights
 
 
 def main() -> None:
@@ -41,6 +42,10 @@ def main() -> None:
     cfg.merge_from_list(args.opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_threshold
     cfg.freeze()
+    try:  # weights that do not fit the config fail in one line, before DefaultPredictor loads them
+        check_weights(cfg, evaluation=True)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
     predictor = DefaultPredictor(cfg)
