@@ -27,6 +27,12 @@ TINY = [  # tools/train_net.py overrides for a seconds-long run of DEMO_CONFIG o
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still predicts something
 ]
 
+HIDDEN_WARNINGS = (  # known harmless warnings a tool run must not print (tools/_startup.py, tools/train_net.py)
+    "`torch.jit.script` is deprecated", "torch.meshgrid: in an upcoming release", "TracerWarning",
+    "The given NumPy array is not writable", "This DataLoader will create",
+    "SOLVER.STEPS contains values larger than SOLVER.MAX_ITER",
+)  # fmt: skip
+
 
 def load_tool(name: str):
     """``tools/<name>.py`` as a module (tools/ is not a package)."""

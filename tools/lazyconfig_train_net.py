@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
-from wsbcn_d2.engine import create_ddp_model, launch
+from wsbcn_d2.engine import ProgressWriter, create_ddp_model, launch
 
 logger = logging.getLogger("detectron2")
 
@@ -51,7 +51,7 @@ def train(cfg: DictConfig, resume: bool) -> None:
     checkpointer = WSBCNCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main_process_hooks = [
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period),
+        ProgressWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period),
     ]
     trainer.register_hooks(
         [

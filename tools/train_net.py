@@ -18,7 +18,7 @@ from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import check_weights
 from wsbcn_d2.config import validate_wsbcn_config
 from wsbcn_d2.data import infer_mask_format, register_coco_dataset
-from wsbcn_d2.engine import Trainer, launch
+from wsbcn_d2.engine import Trainer, available_cpus, launch
 
 logger = logging.getLogger("wsbcn_d2")
 
@@ -59,11 +59,15 @@ def setup(args) -> CfgNode:
     )
     if to_bitmask:
         cfg.INPUT.MASK_FORMAT = "bitmask"
+    workers, cpus = cfg.DATALOADER.NUM_WORKERS, available_cpus()
+    cfg.DATALOADER.NUM_WORKERS = min(workers, cpus)  # more only slow the training process down
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="wsbcn_d2")
     if to_bitmask:
         logger.info(f"INPUT.MASK_FORMAT set to 'bitmask': {cfg.DATASETS.TRAIN} hold RLE masks.")
+    if workers > cpus:
+        logger.info(f"DATALOADER.NUM_WORKERS {workers} lowered to {cpus}, the CPUs this process may use.")
     return cfg
 
 

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import random
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -28,9 +29,11 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import launch as d2_launch
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
@@ -42,6 +45,8 @@ __all__ = [
     "ResumableBatchSampler",
     "SeededMapDataset",
     "IterationSeed",
+    "ProgressWriter",
+    "available_cpus",
     "create_ddp_model",
     "derive_seed",
     "launch",
@@ -160,6 +165,44 @@ class IterationSeed(HookBase):
         seed_all_rng(derive_seed(self._seed, _ITERATION_KEY, comm.get_rank(), self.trainer.iter))
 
 
+class ProgressWriter(PeriodicWriter):
+    """detectron2's PeriodicWriter (all writers every ``period`` iterations and after the last one) that also
+    prints progress early and regularly on slow runs.
+
+    Between periods, the terminal printers (:class:`CommonMetricPrinter`) alone also write after the first
+    ``first`` iterations of a run and whenever ``interval`` seconds have passed since the last progress line.
+    The ETA is detectron2's: none on a run's first line, then, until IterationTimer's warm-up is over, the time
+    per iteration since the previous line. metrics.json and TensorBoard keep one entry per ``period`` iterations,
+    the same whatever the speed of the machine.
+    """
+
+    def __init__(self, writers: List, period: int = 20, first: int = 2, interval: float = 60.0):
+        super().__init__(writers, period)
+        self._printers = [w for w in writers if isinstance(w, CommonMetricPrinter)]
+        self._first = first
+        self._interval = interval
+        self._last_line = time.perf_counter()
+
+    def before_train(self) -> None:
+        self._last_line = time.perf_counter()
+
+    def after_step(self) -> None:
+        iteration, now = self.trainer.iter, time.perf_counter()
+        if (iteration + 1) % self._period == 0 or iteration == self.trainer.max_iter - 1:
+            super().after_step()
+        elif iteration < self.trainer.start_iter + self._first or now >= self._last_line + self._interval:
+            for printer in self._printers:
+                printer.write()
+        else:
+            return
+        self._last_line = time.perf_counter()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it), as torch's DataLoader counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """detectron2's ``create_ddp_model``, also for CPU models (GLOO): ``device_ids`` only for CUDA models."""
     if next(model.parameters()).device.type == "cpu":
@@ -192,6 +235,7 @@ class Trainer(DefaultTrainer):
     * :class:`WSBCNCheckpointer`, which refuses unconverted official ``.pth`` backbones;
     * a training loader that resumes where it stopped (:class:`ResumableBatchSampler`,
       :class:`SeededMapDataset`) and, with ``SEED >= 0``, :class:`IterationSeed`;
+    * progress lines from the first iterations on and at least every minute (:class:`ProgressWriter`);
     * COCO evaluation.
     """
 
@@ -228,10 +272,30 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         check_precise_bn(self.cfg)  # before detectron2 adds its PreciseBN hook
-        hooks = super().build_hooks()
+        # detectron2's PeriodicWriter, built inside build_hooks, becomes a ProgressWriter of the same writers
+        # (not new ones: a second JSONWriter would append to metrics.json too)
+        hooks = [
+            ProgressWriter(h._writers, h._period) if type(h) is PeriodicWriter else h for h in super().build_hooks()
+        ]
         if self.cfg.SEED >= 0:
             hooks.insert(0, IterationSeed(self.cfg.SEED))
         return hooks
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """detectron2's scheduler; SOLVER.STEPS past SOLVER.MAX_ITER (a short run) are dropped, as detectron2
+        drops them, with one line saying where the learning rate still decays."""
+        kept = tuple(step for step in cfg.SOLVER.STEPS if step <= cfg.SOLVER.MAX_ITER)
+        past = tuple(step for step in cfg.SOLVER.STEPS if step > cfg.SOLVER.MAX_ITER)
+        if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and past:
+            logger.info(
+                f"SOLVER.STEPS {past} past SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} are not used: the learning rate "
+                + (f"decays at {kept} only." if kept else "does not decay in this run.")
+            )
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.STEPS = kept
+        return super().build_lr_scheduler(cfg, optimizer)
 
     def train(self):
         sampler = getattr(self.data_loader, "batch_sampler", None)

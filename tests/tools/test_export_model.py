@@ -11,7 +11,7 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from helpers import DEMO_CONFIG, REPO, SMALL, allow_float64_models, assert_as_accurate, error_bound, load_config
+from helpers import DEMO_CONFIG, HIDDEN_WARNINGS, REPO, SMALL, allow_float64_models, assert_as_accurate, error_bound, load_config
 from helpers import randomize_norms_, relative_error, synthetic_batch
 from wsbcn_d2.export import ExportError, ExportGroupNorm, export, load_exported, onnx_op_types, tracing_adapter
 
@@ -214,6 +214,7 @@ def test_tool_exports_and_checks_a_sample_image(tmp_path, fmt, runtime):
         "--time", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not [w for w in HIDDEN_WARNINGS if w in run.stderr], run.stderr[-3000:]
     assert (out / {"onnx": "model.onnx", "torchscript": "model.ts"}[fmt]).is_file()
     rows = [line.split() for line in run.stdout.splitlines() if line.startswith("sample 0:")]
     assert [r[2] for r in rows] == [runtime, "folded"]

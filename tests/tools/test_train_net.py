@@ -4,14 +4,16 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from helpers import DEMO_CONFIG as CONFIG
-from helpers import BIT_NARROW, REPO, TINY
+from helpers import BIT_NARROW, HIDDEN_WARNINGS, REPO, TINY
 from wsbcn_d2.data import generate_shapes_dataset
+from wsbcn_d2.engine import available_cpus
 
 
 def train_net(*args: str) -> subprocess.CompletedProcess:
@@ -51,6 +53,28 @@ def test_train_then_eval_only(tiny_dataset, tmp_path):
     log = run.stdout + run.stderr
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
     assert (out / "inference" / "tiny" / "coco_instances_results.json").is_file()
+
+
+def test_short_run_shows_progress_at_once_without_known_warnings(tiny_dataset, tmp_path):
+    """Progress lines after the first two iterations (the second with detectron2's ETA) although the writers' period
+    (20) is past the run's end, metrics.json at the period only, none of the known harmless warnings, NUM_WORKERS
+    above the CPU count lowered and SOLVER.STEPS past MAX_ITER said in one line."""
+    json_file, image_root = tiny_dataset
+    out, workers = tmp_path / "out", available_cpus() + 1
+    run = train_net(
+        "--config-file", CONFIG, "--register-coco", "tiny", json_file, image_root, *TINY,
+        "DATALOADER.NUM_WORKERS", str(workers), "DATASETS.TRAIN", '("tiny",)', "DATASETS.TEST", "()",
+        "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    progress = re.findall(r"d2\.utils\.events\]:\s+(eta: \S+\s+)?iter: (\d+) ", run.stdout)
+    assert [(bool(eta), int(i)) for eta, i in progress] == [(False, 0), (True, 1), (True, 2)], run.stdout[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [2]
+    log = run.stdout + run.stderr
+    assert not [w for w in HIDDEN_WARNINGS if w in log], run.stderr[-3000:]
+    assert f"DATALOADER.NUM_WORKERS {workers} lowered to {workers - 1}" in log
+    assert "SOLVER.STEPS (1100, 1300) past SOLVER.MAX_ITER 3 are not used" in log
 
 
 def test_missing_annotation_file_is_named(tmp_path):
