@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from statistics import fmean as mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
 from benchmark import VARIANTS  # tools/ is on sys.path when run as a script
-from wsbcn_d2 import add_wsbcn_config
+from wsbcn_d2.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "Demo", "mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml")
@@ -54,14 +54,6 @@ def schedule_opts(cfg: CfgNode, iters: int) -> List[str]:
         "SOLVER.WARMUP_ITERS", str(round(solver.WARMUP_ITERS * scale)),
         "TEST.EVAL_PERIOD", "0",  # evaluate once, after the last iteration
     ]  # fmt: skip
-
-
-def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    cfg = get_cfg()
-    add_wsbcn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def resolved_config(config_file: str, opts: Sequence[str]) -> str:

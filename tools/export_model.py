@@ -2,7 +2,8 @@
 """Export a trained WS / BCN detector to ONNX or TorchScript, and check the export against PyTorch.
 
     python tools/export_model.py --config-file CONFIG --format onnx --output DIR \
-        [--sample-image IMAGE | --num-samples N] [--time RUNS] MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
+        [--register-coco NAME JSON_FILE IMAGE_ROOT] [--sample-image IMAGE | --num-samples N] [--time RUNS] \
+        MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
 As detectron2's tools/deploy/export_model.py (tracing): the model is folded
 (wsbcn_d2.fold_for_inference: WS and BCN's batch step baked into plain convs and
@@ -23,16 +24,16 @@ from typing import List, Optional, Sequence
 
 import onnx
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import CheckpointError, WSBCNCheckpointer
-from wsbcn_d2.config import validate_wsbcn_config
+from wsbcn_d2.config import load_config
+from wsbcn_d2.data import add_register_coco_argument, check_dataset_names, register_coco_dataset
 from wsbcn_d2.export import (
     EXPORT_FORMATS,
     ONNX_OPSET,
@@ -55,17 +56,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sample-image", help="image to trace and check on (default: the test set's images)")
     parser.add_argument("--num-samples", type=int, default=1, help="test-set images to check on (default 1)")
     parser.add_argument("--time", type=int, default=0, metavar="RUNS", help="time RUNS inferences of each model")
+    add_register_coco_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser.parse_args(argv)
 
 
-def load_config(args: argparse.Namespace) -> CfgNode:
-    cfg = get_cfg()
-    add_wsbcn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+def export_config(args: argparse.Namespace) -> CfgNode:
+    """The config of ``args`` on CPU (the export runs there), its datasets registered."""
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
-    validate_wsbcn_config(cfg)
     cfg.freeze()
     return cfg
 
@@ -77,6 +78,7 @@ def network_inputs(cfg: CfgNode, args: argparse.Namespace) -> List[torch.Tensor]
     else:
         if not cfg.DATASETS.TEST:
             raise ExportError("DATASETS.TEST is empty: give --sample-image")
+        check_dataset_names(cfg.DATASETS.TEST[:1], "DATASETS.TEST")
         paths = [record["file_name"] for record in DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_samples]]
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     images = []
@@ -109,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     setup_logger(name="wsbcn_d2")
     try:
-        cfg = load_config(args)
+        cfg = export_config(args)
         images = network_inputs(cfg, args)
         model = build_model(cfg).eval()
         inference_function(model)  # an architecture without an export path fails before any loading

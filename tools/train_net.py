@@ -7,17 +7,17 @@ Datasets with RLE masks switch INPUT.MASK_FORMAT to "bitmask" automatically.
 """
 import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
 import logging
+import os
 
 import detectron2.utils.comm as comm
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
-from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import check_weights
-from wsbcn_d2.config import validate_wsbcn_config
-from wsbcn_d2.data import infer_mask_format, register_coco_dataset
+from wsbcn_d2.config import check_device, check_frozen_stages, load_config
+from wsbcn_d2.data import add_register_coco_argument, check_dataset_names, infer_mask_format, register_coco_dataset
 from wsbcn_d2.engine import Trainer, available_cpus, launch
 
 logger = logging.getLogger("wsbcn_d2")
@@ -25,31 +25,14 @@ logger = logging.getLogger("wsbcn_d2")
 
 def argument_parser():
     parser = default_argument_parser()
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
-        help="register a COCO-format instance dataset under NAME (repeatable)",
-    )
+    add_register_coco_argument(parser)
     return parser
-
-
-def load_config(args) -> CfgNode:
-    """The config of ``args``, validated (a bad value raises a one-line ValueError naming its key)."""
-    cfg = get_cfg()
-    add_wsbcn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    validate_wsbcn_config(cfg)
-    return cfg
 
 
 def setup(args) -> CfgNode:
     for name, json_file, image_root in args.register_coco:
         register_coco_dataset(name, json_file, image_root)
-    cfg = load_config(args)
+    cfg = load_config(args.config_file, args.opts)
     # detectron2's default "polygon" fails on RLE masks; "bitmask" reads both
     to_bitmask = (
         cfg.MODEL.MASK_ON
@@ -93,9 +76,21 @@ def check_inputs(args) -> None:
     """
     for name, json_file, image_root in args.register_coco:
         register_coco_dataset(name, json_file, image_root)
-    cfg = load_config(args)
-    if cfg.MODEL.MASK_ON and not args.eval_only:
-        infer_mask_format(cfg.DATASETS.TRAIN, require_masks=True)
+    cfg = load_config(args.config_file, args.opts)
+    check_device(cfg)
+    processes = args.num_gpus * args.num_machines
+    if cfg.SOLVER.IMS_PER_BATCH % processes:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} does not divide among {processes} processes "
+            "(--num-gpus x --num-machines): set a multiple of it"
+        )
+    check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
+    if not args.eval_only:
+        check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+            check_frozen_stages(cfg)
+        if cfg.MODEL.MASK_ON:
+            infer_mask_format(cfg.DATASETS.TRAIN, require_masks=True)
     check_weights(cfg, resume=args.resume, evaluation=args.eval_only)
 
 

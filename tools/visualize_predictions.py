@@ -2,7 +2,8 @@
 """Draw a trained model's predictions beside the ground truth, one PNG per image.
 
     python tools/visualize_predictions.py --config-file CONFIG --output DIR \
-        [--dataset NAME] [--num-images N] [--score-threshold T] [KEY VALUE ...]
+        [--register-coco NAME JSON_FILE IMAGE_ROOT] [--dataset NAME] [--num-images N] \
+        [--score-threshold T] [KEY VALUE ...]
 
 Uses the config's first test dataset unless --dataset is given; trailing
 KEY VALUE pairs override the config (e.g. MODEL.WEIGHTS out/model_final.pth).
@@ -12,7 +13,6 @@ import argparse
 import os
 
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.engine import DefaultPredictor
@@ -20,8 +20,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from wsbcn_d2 import add_wsbcn_config
 from wsbcn_d2.checkpoint import check_weights
+from wsbcn_d2.config import check_device, load_config
+from wsbcn_d2.data import add_register_coco_argument, check_dataset_names, register_coco_dataset
 
 
 def main() -> None:
@@ -32,21 +33,25 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--scale", type=float, default=3.0, help="drawing scale (small images read better enlarged)")
+    add_register_coco_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args()
     setup_logger(name="wsbcn_d2")
 
-    cfg = get_cfg()
-    add_wsbcn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_threshold
-    cfg.freeze()
-    try:  # weights that do not fit the config fail in one line, before DefaultPredictor loads them
-        check_weights(cfg, evaluation=True)
+    try:  # bad input fails in one line before anything is written
+        for name, json_file, image_root in args.register_coco:
+            register_coco_dataset(name, json_file, image_root)
+        cfg = load_config(args.config_file, args.opts)
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_threshold
+        cfg.freeze()
+        check_device(cfg)
+        if not (args.dataset or cfg.DATASETS.TEST):
+            raise ValueError("DATASETS.TEST is empty: give --dataset NAME")
+        dataset = args.dataset or cfg.DATASETS.TEST[0]
+        check_dataset_names([dataset], "--dataset" if args.dataset else "DATASETS.TEST")
+        check_weights(cfg, evaluation=True)  # weights that do not fit the config, before DefaultPredictor loads them
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
     predictor = DefaultPredictor(cfg)
 

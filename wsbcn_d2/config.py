@@ -1,11 +1,14 @@
 """Config keys of wsbcn_d2, the norm slots of detectron2's models, and config validation."""
+import difflib
 import functools
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.layers import get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 
@@ -16,8 +19,11 @@ __all__ = [
     "NormSlot",
     "add_wsbcn_config",
     "cfg_value",
+    "check_device",
+    "check_frozen_stages",
     "check_norm_slots",
     "check_precise_bn",
+    "load_config",
     "unreached_norm_slots",
     "used_norm_slots",
     "validate_wsbcn_config",
@@ -274,3 +280,61 @@ def _detectron2_builds(norm: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _keys(node: CN, prefix: str = "") -> Iterator[str]:
+    for name, value in node.items():
+        if isinstance(value, CN):
+            yield from _keys(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """detectron2's config with the plugin's keys, ``config_file`` and the ``KEY VALUE`` pairs ``opts`` merged,
+    validated (:func:`validate_wsbcn_config`), not frozen.
+
+    Raises:
+        ValueError: one line naming the problem: a missing file, an option that is a flag (argparse gives
+            everything after the first ``KEY VALUE`` pair to the pairs), a key the config does not have (with
+            the close matches), a value the key does not take.
+    """
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--config-file {config_file}: no such file")
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ValueError(f"{flags[0]} comes after the KEY VALUE options, which take all that follows: put it before them")
+    if len(opts) % 2:
+        raise ValueError(f"KEY VALUE options must come in pairs; {opts[-1]!r} has no value")
+    cfg = get_cfg()
+    add_wsbcn_config(cfg)
+    cfg.merge_from_file(config_file)
+    keys = set(_keys(cfg))
+    for key in opts[::2]:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"{key} is not a config key{hint}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError, TypeError, ValueError) as e:  # yacs: a value of another type
+        raise ValueError(f"KEY VALUE options: {e}") from None
+    validate_wsbcn_config(cfg)
+    return cfg
+
+
+def check_device(cfg: CN) -> None:
+    """Raise a one-line ValueError where ``MODEL.DEVICE`` names CUDA on a machine without it."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE}, but no CUDA device is available: add MODEL.DEVICE cpu")
+
+
+def check_frozen_stages(cfg: CN) -> None:
+    """Raise a one-line ValueError where training would start from no weights with frozen stages: a random
+    stem (and res2 ...) that never trains."""
+    if not cfg.MODEL.WEIGHTS and cfg.MODEL.BACKBONE.FREEZE_AT > 0:
+        raise ValueError(
+            f"MODEL.WEIGHTS is empty (training from scratch) and MODEL.BACKBONE.FREEZE_AT is "
+            f"{cfg.MODEL.BACKBONE.FREEZE_AT}: the first stages would stay random; set MODEL.BACKBONE.FREEZE_AT 0, "
+            "or give pretrained MODEL.WEIGHTS"
+        )

@@ -110,3 +110,42 @@ def test_truncated_annotation_file_is_named(tiny, tmp_path):
     json_file.write_text(open(data[2]).read()[:1000])
     args = ["--config-file", DEMO_CONFIG, "--register-coco", "tiny", str(json_file), data[3], *opts]
     assert_train_net_fails_cleanly(tmp_path, args, [str(json_file), "not valid JSON"])
+
+
+def _one_line_error(tmp_path, args, *, device: str = "cpu") -> str:
+    """Run tools/train_net.py expecting it to refuse ``args`` in one line before it writes anything."""
+    out = tmp_path / "never_written"
+    run = subprocess.run(
+        [sys.executable, TRAIN_NET, *args, "OUTPUT_DIR", str(out), "MODEL.DEVICE", device],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    lines = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert len([line for line in lines if line.startswith("train_net.py: error:")]) == 1, run.stderr[-3000:]
+    assert not out.exists()
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "flags, pairs, expected",
+    [
+        ([], ["DATASETS.TRAIN", '("tinny",)'], ["DATASETS.TRAIN", "'tinny'", "did you mean tiny?"]),
+        ([], ["SOLVER.MAX_ITERS", "1"], ["SOLVER.MAX_ITERS is not a config key", "SOLVER.MAX_ITER"]),
+        ([], ["SOLVER.MAX_ITER", "1", "--resume"], ["--resume comes after the KEY VALUE options"]),
+        (["--num-gpus", "2"], ["SOLVER.IMS_PER_BATCH", "3"], ["SOLVER.IMS_PER_BATCH 3", "among 2 processes"]),
+        ([], ["MODEL.BACKBONE.FREEZE_AT", "2"], ["FREEZE_AT is 2", "set MODEL.BACKBONE.FREEZE_AT 0"]),
+    ],
+    ids=["dataset name", "config key", "flag after the options", "batch among processes", "frozen from scratch"],
+)
+def test_mistakes_stop_in_one_line_before_any_output(tiny, tmp_path, flags, pairs, expected):
+    data, opts = tiny
+    last = _one_line_error(tmp_path, ["--config-file", DEMO_CONFIG, *flags, *data, *opts, *pairs])
+    for text in expected:
+        assert text in last, (text, last)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_names_the_fix(tiny, tmp_path):
+    data, opts = tiny
+    last = _one_line_error(tmp_path, ["--config-file", DEMO_CONFIG, *data, *opts], device="cuda")
+    assert "MODEL.DEVICE is cuda, but no CUDA device is available: add MODEL.DEVICE cpu" in last

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import numbers
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -15,13 +17,45 @@ from PIL import Image
 
 from .shapes import SHAPES_SPLITS
 
-__all__ = ["register_coco_dataset", "infer_mask_format", "validate_dataset_dicts"]
+__all__ = [
+    "add_register_coco_argument",
+    "check_dataset_names",
+    "infer_mask_format",
+    "register_coco_dataset",
+    "validate_dataset_dicts",
+]
 
 # Boxes may stick out of the image by this many pixels (rounding in annotation tools).
 _BBOX_TOLERANCE = 1.0
 # What detectron2's load_coco_json reads from each image and category.
 _IMAGE_KEYS = {"id", "file_name", "height", "width"}
 _CATEGORY_KEYS = {"id", "name"}
+
+
+def add_register_coco_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--register-coco NAME JSON_FILE IMAGE_ROOT`` (repeatable) to a tool's ``parser``; the tool registers
+    ``args.register_coco`` with :func:`register_coco_dataset` before it reads its config."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
+        help="register a COCO-format instance dataset under NAME (repeatable; before the KEY VALUE options)",
+    )
+
+
+def check_dataset_names(names: Sequence[str], key: str) -> None:
+    """Raise a one-line ValueError naming ``key`` (e.g. DATASETS.TRAIN) for a dataset name nobody registered."""
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(
+                f"{key}: no dataset {name!r} is registered; {hint}register your own with "
+                f"--register-coco {name} JSON_FILE IMAGE_ROOT"
+            )
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
