@@ -7,6 +7,7 @@ against float64 as a fraction of its bound: 1.0 fails).
 
     python tests/numerics_sweep.py                          # every capability of this CPU, 1 and 2 threads
     python tests/numerics_sweep.py --capabilities default --threads 2 -- -x   # after --: pytest arguments
+    python tests/numerics_sweep.py --log checks     # every check kept in checks.<capability>.<threads>
 
 Exits non-zero when a run fails or runs no test.
 """
@@ -33,9 +34,11 @@ def supported_capabilities() -> list:
     return supported
 
 
-def run(capability: str, threads: int, pytest_args: list) -> dict:
+def run(capability: str, threads: int, pytest_args: list, keep: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "checks.jsonl")
+        log = keep or os.path.join(tmp, "checks.jsonl")
+        if os.path.exists(log):
+            os.remove(log)
         env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=str(threads), WSBCN_ERROR_LOG=log)
         start = time.time()
         done = subprocess.run(
@@ -54,6 +57,7 @@ def main() -> int:
     parser.add_argument("--capabilities", nargs="+", default=supported_capabilities(),
                         help="ATEN_CPU_CAPABILITY values (default: those this CPU supports)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch intra-op thread counts")
+    parser.add_argument("--log", default="", help="keep every check as JSON lines in LOG.<capability>.<threads>")
     args, pytest_args = parser.parse_known_args()
     pytest_args = [a for a in pytest_args if a != "--"]
     unsupported = set(args.capabilities) - set(supported_capabilities())
@@ -63,7 +67,7 @@ def main() -> int:
     print(f"{'capability':<11}{'threads':>8}{'seconds':>9}{'checks':>8}  tightest check  result")
     for capability in args.capabilities:
         for threads in args.threads:
-            r = run(capability, threads, pytest_args)
+            r = run(capability, threads, pytest_args, args.log and f"{args.log}.{capability}.{threads}")
             t = r["tightest"]
             tight = f"{t['error'] / t['bound']:.2f} ({t['test'].split('::')[-1]}: {t['msg']})" if t else "-"
             print(f"{capability:<11}{threads:>8}{r['seconds']:>9.0f}{r['checks']:>8}  {tight}  {r['summary']}", flush=True)
