@@ -46,6 +46,7 @@ __all__ = [
     "inference_function",
     "load_exported",
     "onnx_op_types",
+    "pair_detections",
     "tracing_adapter",
 ]
 
@@ -187,8 +188,8 @@ class DetectionDifference:
     """Detections in each."""
     boxes: float = 0.0
     scores: float = 0.0
-    classes: int = 0
-    """Detections whose class differs."""
+    unpaired: int = 0
+    """Detections of the first without a counterpart in the second (see :func:`pair_detections`)."""
     masks: float = 0.0
 
 
@@ -197,18 +198,38 @@ def _fields(instances: Instances) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float() if v.is_floating_point() else v for k, v in fields.items()}
 
 
+def pair_detections(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], within: float = 1e-2):
+    """Pair each detection of ``a`` with the detection of ``b`` of the same class whose box is nearest (largest
+    coordinate difference), where that is below ``within`` pixels and no other detection of ``a`` takes it.
+
+    Two runtimes order near-equal scores differently (an untrained model's are all alike), so detections are
+    matched by box, not by rank. ``a`` and ``b``: Instances fields (``pred_boxes`` as a tensor). Returns a mask
+    over ``a`` (paired) and, for each detection of ``a``, the index of its nearest in ``b``.
+    """
+    n, m = len(a["pred_boxes"]), len(b["pred_boxes"])
+    if not (n and m):
+        return torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    distance = (a["pred_boxes"][:, None].double() - b["pred_boxes"][None].double()).abs().amax(dim=2)
+    distance[a["pred_classes"][:, None] != b["pred_classes"][None]] = float("inf")
+    nearest, index = distance.min(dim=1)
+    paired = nearest < within
+    takers = torch.bincount(index[paired], minlength=m)  # detections of a that chose each of b
+    return paired & (takers[index] == 1), index
+
+
 def compare_detections(
     adapter: TracingAdapter, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]
 ) -> DetectionDifference:
-    """Max absolute differences of boxes, scores and masks, and class disagreements, between two flattened
-    outputs of ``adapter`` (e.g. an exported model's and PyTorch's)."""
+    """Detections of two flattened outputs of ``adapter`` (e.g. an exported model's and PyTorch's), paired by
+    :func:`pair_detections`: the unpaired count, and the max absolute differences of boxes, scores and masks
+    over the pairs."""
     a, b = (_fields(adapter.outputs_schema(list(o))[0]["instances"]) for o in (got, expected))
     diff = DetectionDifference(counts=(len(a["scores"]), len(b["scores"])))
-    if diff.counts[0] != diff.counts[1] or not diff.counts[0]:
-        return diff
-    diff.boxes = (a["pred_boxes"] - b["pred_boxes"]).abs().max().item()
-    diff.scores = (a["scores"] - b["scores"]).abs().max().item()
-    diff.classes = int((a["pred_classes"] != b["pred_classes"]).sum())
-    if "pred_masks" in a:
-        diff.masks = (a["pred_masks"] - b["pred_masks"]).abs().max().item()
+    paired, index = pair_detections(a, b)
+    diff.unpaired = int((~paired).sum())
+    if paired.any():
+        pairs = {k: (a[k][paired], b[k][index[paired]]) for k in ("pred_boxes", "scores", "pred_masks") if k in a}
+        diff.boxes, diff.scores = ((x - y).abs().max().item() for x, y in (pairs["pred_boxes"], pairs["scores"]))
+        if "pred_masks" in pairs:
+            diff.masks = (pairs["pred_masks"][0] - pairs["pred_masks"][1]).abs().max().item()
     return diff

@@ -13,7 +13,8 @@ from PIL import Image
 
 from helpers import DEMO_CONFIG, HIDDEN_WARNINGS, REPO, SMALL, allow_float64_models, assert_as_accurate, error_bound, load_config
 from helpers import randomize_norms_, relative_error, synthetic_batch
-from wsbcn_d2.export import ExportError, ExportGroupNorm, export, load_exported, onnx_op_types, tracing_adapter
+from wsbcn_d2.export import ExportError, ExportGroupNorm, export, load_exported, onnx_op_types, pair_detections
+from wsbcn_d2.export import tracing_adapter
 
 EXPORT_MODEL = f"{REPO}/tools/export_model.py"
 GN = ["MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN"]
@@ -44,17 +45,6 @@ def model_and_image(case: str):
 def detections(adapter, outputs) -> dict:
     instances = adapter.outputs_schema(list(outputs))[0]["instances"]
     return {k: v.tensor if k == "pred_boxes" else v for k, v in instances.get_fields().items()}
-
-
-def pair_detections(a: dict, b: dict, within: float = 1e-2) -> tuple:
-    """For each detection of ``a``, the detection of ``b`` of the same class whose box is nearest, where that is
-    closer than ``within`` pixels and no other detection of ``a`` pairs with it: (mask over ``a``, indices into b)."""
-    distance = (a["pred_boxes"][:, None].double() - b["pred_boxes"][None].double()).abs().amax(dim=2)
-    distance[a["pred_classes"][:, None] != b["pred_classes"][None]] = float("inf")
-    nearest, pair = distance.min(dim=1) if len(b["scores"]) else (distance.sum(1) + float("inf"), None)
-    paired = nearest < within
-    assert len(set(pair[paired].tolist())) == int(paired.sum()) if paired.any() else True
-    return paired, pair
 
 
 def assert_same_detections(adapter, got, expected, reference) -> None:
@@ -218,7 +208,7 @@ def test_tool_exports_and_checks_a_sample_image(tmp_path, fmt, runtime):
     assert (out / {"onnx": "model.onnx", "torchscript": "model.ts"}[fmt]).is_file()
     rows = [line.split() for line in run.stdout.splitlines() if line.startswith("sample 0:")]
     assert [r[2] for r in rows] == [runtime, "folded"]
-    for row in rows:  # detections a / b, max |box|, max |score|, classes, max |mask|
+    for row in rows:  # detections a / b, max |box|, max |score|, unpaired, max |mask|
         assert row[-7] == row[-5] and int(row[-2]) == 0
         assert float(row[-4]) < TOLERANCE["boxes"] * 128 and float(row[-3]) < TOLERANCE["scores"]
         assert float(row[-1]) < TOLERANCE["masks"]
