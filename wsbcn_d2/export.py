@@ -6,8 +6,8 @@ inference) is folded into the conv that carries it, or into a frozen
 per-channel affine where the BCN is not a conv's norm (RetinaNet's per-level
 head norms), and what remains of BCN is a group normalization with a
 per-group affine. The graph then holds no custom op, at opset 17. Group norms
-are written as :class:`ExportGroupNorm` (``ReduceMean`` and a ``MatMul`` with a
-constant group-averaging matrix) rather than torch's ``Reshape(N, G, -1)`` +
+are written as :class:`ExportGroupNorm` (``ReduceMean`` and ``MatMul``\ s with
+constant group-averaging matrices) rather than torch's ``Reshape(N, G, -1)`` +
 ``InstanceNormalization`` pattern, which onnxruntime cannot run on a batch of 0:
 the mask head's batch whenever nothing is detected. (``GroupNormalization``
 is no alternative: its opset-18 version takes a per-group affine that opset 21
@@ -62,17 +62,24 @@ class ExportError(ValueError):
 class ExportGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and function) in operations that trace to a graph taking a batch of 0.
 
-    Each channel's mean over H x W, averaged over its group by a (C, C) matrix, is the group's mean; the
-    variance likewise, of the centred input (two passes, as ``F.group_norm``):
-    ``y = (x - mean_g) / sqrt(var_g + eps) * weight + bias``. No reshape of the batch dimension.
+    Each channel's mean over H x W, averaged over its group (a (C, G) matrix of 1 / (C / G) at each channel's
+    group) and given back to the group's channels (its 0/1 transpose), is the group's mean; the variance
+    likewise, of the centred input (two passes, as ``F.group_norm``):
+    ``y = (x - mean_g) / sqrt(var_g + eps) * weight + bias``. No reshape of the batch dimension; the graph
+    holds the two small matrices per group norm as constants.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_group = self.num_channels // self.num_groups
         group = torch.arange(self.num_channels, device=x.device) // per_group
-        average = (group[:, None] == group[None, :]).to(x.dtype) / per_group
-        centered = x - (x.mean(dim=(2, 3)) @ average)[:, :, None, None]
-        var = (centered.square().mean(dim=(2, 3)) @ average)[:, :, None, None]
+        member = (group[:, None] == torch.arange(self.num_groups, device=x.device)[None, :]).to(x.dtype)  # (C, G)
+        average, spread = member / per_group, member.t()
+
+        def group_mean(per_channel: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, C, 1, 1)
+            return (per_channel @ average @ spread)[:, :, None, None]
+
+        centered = x - group_mean(x.mean(dim=(2, 3)))
+        var = group_mean(centered.square().mean(dim=(2, 3)))
         return centered * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
