@@ -15,10 +15,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from .layers import DEFAULT_UPDATE_RATE, WS_FORMS, norm_names
 
 __all__ = [
+    "AMP_PRECISIONS",
     "NORM_SLOTS",
     "NormSlot",
     "add_wsbcn_config",
     "cfg_value",
+    "check_batch_split",
     "check_device",
     "check_frozen_stages",
     "check_norm_slots",
@@ -56,6 +58,12 @@ def add_wsbcn_config(cfg: CN) -> None:
     - ``MODEL.WEIGHTS_ALLOW_WS_MISMATCH`` (False): load a converted backbone whose
       recorded WS form or eps differs from the model's (the backbone then computes
       another function than it was trained to); by default loading stops.
+    - ``SOLVER.ACCUMULATION_STEPS`` (1): forwards per optimizer step; each takes
+      ``SOLVER.IMS_PER_BATCH / (processes x ACCUMULATION_STEPS)`` images, and the step
+      trains what ``ACCUMULATION_STEPS`` times as many processes would
+      (:class:`wsbcn_d2.engine.AccumulatingTrainer`).
+    - ``SOLVER.AMP.PRECISION`` ("float16"; "bfloat16"): autocast's dtype under
+      ``SOLVER.AMP.ENABLED``; float16 losses are scaled (a gradient scaler), bfloat16 ones not.
     """
     cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False
     cfg.MODEL.WEIGHTS_ALLOW_WS_MISMATCH = False
@@ -74,6 +82,8 @@ def add_wsbcn_config(cfg: CN) -> None:
     cfg.MODEL.BCN.NUM_GROUPS = 32
     cfg.MODEL.BCN.EPS = 1e-5
     cfg.MODEL.BCN.UPDATE_RATE = DEFAULT_UPDATE_RATE
+    cfg.SOLVER.ACCUMULATION_STEPS = 1
+    cfg.SOLVER.AMP.PRECISION = "float16"
 
 
 @dataclass(frozen=True)
@@ -321,6 +331,26 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
         raise ValueError(f"KEY VALUE options: {e}") from None
     validate_wsbcn_config(cfg)
     return cfg
+
+
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``SOLVER.AMP.PRECISION`` values and their dtypes."""
+
+
+def check_batch_split(cfg: CN, processes: int) -> None:
+    """Raise a one-line ValueError where ``SOLVER.IMS_PER_BATCH`` images per optimizer step do not split
+    into ``processes x SOLVER.ACCUMULATION_STEPS`` equal forwards, or ``SOLVER.AMP.PRECISION`` is unknown."""
+    steps, total = cfg.SOLVER.ACCUMULATION_STEPS, cfg.SOLVER.IMS_PER_BATCH
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"SOLVER.ACCUMULATION_STEPS must be an integer >= 1, got {steps!r}")
+    if total % (processes * steps):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {total} does not divide among {processes} processes (--num-gpus x "
+            f"--num-machines) x SOLVER.ACCUMULATION_STEPS {steps}: set a multiple of {processes * steps}"
+        )
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {', '.join(map(repr, AMP_PRECISIONS))}, got {precision!r}")
 
 
 def check_device(cfg: CN) -> None:

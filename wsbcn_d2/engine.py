@@ -7,7 +7,12 @@ step draws is a function of the seed and the iteration, so nothing more is saved
 
 * :class:`ResumableBatchSampler`: the data stream starts at the resumed iteration;
 * :class:`SeededMapDataset`: each image's augmentation is seeded by its place in the stream;
-* :class:`IterationSeed`: the model's own sampling (RPN, ROI heads) is seeded per iteration.
+* :class:`AccumulatingTrainer`: the model's own sampling (RPN, ROI heads) is seeded per iteration.
+
+With ``SOLVER.ACCUMULATION_STEPS k``, micro-step ``j`` of process ``r`` computes what process
+``r * k + j`` of a run with ``k`` times as many processes computes: the same images and
+augmentations (:class:`ResumableBatchSampler`), the same random draws and, averaged over the
+micro-steps, the same gradient (:class:`AccumulatingTrainer`).
 """
 import itertools
 import logging
@@ -15,8 +20,8 @@ import os
 import random
 import time
 import weakref
-from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +31,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetFromList, build_detection_train_loader
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.hooks import PeriodicWriter
@@ -37,15 +42,17 @@ from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
-from .config import check_precise_bn
+from .config import AMP_PRECISIONS, check_batch_split, check_precise_bn, used_norm_slots
+from .layers import BATCH_STATISTICS_NORMS, accumulate_estimates
 from .modeling import check_ws_coverage
 
 __all__ = [
     "Trainer",
+    "AccumulatingTrainer",
     "ResumableBatchSampler",
     "SeededMapDataset",
-    "IterationSeed",
     "ProgressWriter",
+    "warn_batch_statistics",
     "available_cpus",
     "create_ddp_model",
     "derive_seed",
@@ -64,7 +71,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-@contextmanager
+@contextlib.contextmanager
 def _seeded_generators(seed: int) -> Iterator[None]:
     """Python's, NumPy's and torch's CPU generators seeded with ``seed``; their states are restored on exit."""
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -91,40 +98,51 @@ class ResumableBatchSampler:
     0.5 s for the 2.9 million images of a 4-process run at iteration 360k) and yields batch
     ``k`` onwards.
 
+    With ``accumulation_steps k``, each iteration yields ``k`` batches: those of processes
+    ``r * k, ..., r * k + k - 1`` of a run with ``k * W`` processes, in that order.
+
     Elements are ``(seed, index)`` pairs: a dataset index and a seed derived from the element's
     position in the shared stream, for :class:`SeededMapDataset`.
     """
 
-    def __init__(self, group_ids: Sequence[int], batch_size: int, seed: Optional[int] = None):
+    def __init__(
+        self, group_ids: Sequence[int], batch_size: int, seed: Optional[int] = None, accumulation_steps: int = 1
+    ):
         """
         Args:
             group_ids: each dataset element's group; a batch holds elements of one group.
-            batch_size: this process's images per batch.
+            batch_size: images per batch (per forward).
             seed: the stream's seed, the same in all processes; None draws one shared by all processes.
+            accumulation_steps: batches per iteration.
         """
         self._group_ids = list(group_ids)
         self._batch_size = batch_size
         self.seed = int(comm.shared_random_seed() if seed is None else seed)
         self.start_iter = 0
+        self._accumulation_steps = accumulation_steps
         self._rank, self._world_size = comm.get_rank(), comm.get_world_size()
 
-    def _batches(self) -> Iterator[List[Tuple[int, int]]]:
-        """Batches of (position in the shared stream, dataset index), from iteration 0 on."""
+    def _batches(self, rank: int, world_size: int) -> Iterator[List[Tuple[int, int]]]:
+        """Batches of process ``rank`` of ``world_size``, as (position in the shared stream, dataset index),
+        from iteration 0 on."""
         generator = torch.Generator().manual_seed(self.seed)
         size = len(self._group_ids)
         stream = itertools.chain.from_iterable(
             torch.randperm(size, generator=generator).tolist() for _ in itertools.count()
         )
         buckets = {}
-        for position, index in itertools.islice(enumerate(stream), self._rank, None, self._world_size):
+        for position, index in itertools.islice(enumerate(stream), rank, None, world_size):
             group = self._group_ids[index]
             buckets.setdefault(group, []).append((position, index))
             if len(buckets[group]) == self._batch_size:
                 yield buckets.pop(group)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        for batch in itertools.islice(self._batches(), self.start_iter, None):
-            yield [(derive_seed(self.seed, _DATA_KEY, position), index) for position, index in batch]
+        k = self._accumulation_steps
+        virtual = [self._batches(self._rank * k + j, self._world_size * k) for j in range(k)]
+        for batches in itertools.islice(zip(*virtual), self.start_iter, None):
+            for batch in batches:
+                yield [(derive_seed(self.seed, _DATA_KEY, position), index) for position, index in batch]
 
 
 class SeededMapDataset(torchdata.Dataset):
@@ -150,19 +168,101 @@ class SeededMapDataset(torchdata.Dataset):
             return self._mapper(self._dataset[index])
 
 
-class IterationSeed(HookBase):
-    """Seeds Python, NumPy and torch (all devices) before every iteration from (seed, rank, iteration).
+class AccumulatingTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer and AMPTrainer step, as ``accumulation_steps`` forwards per optimizer step.
 
-    A step's own random draws (the RPN's and ROI heads' sampling, anything a hook or an
-    evaluation drew before it) then depend only on the iteration, so a resumed run draws
-    what the uninterrupted run drew.
+    Micro-step ``j`` of process ``r`` (of ``W``) computes what process ``r * k + j`` of a run with ``k * W``
+    processes and one forward per step computes:
+
+    * its batch: the data loader yields the step's ``k`` batches in order (:class:`ResumableBatchSampler`);
+    * its random draws (the RPN's and ROI heads' sampling): with ``seed``, Python, NumPy and torch are seeded
+      from ``(seed, r * k + j, iteration)`` before the forward, so a resumed run also draws what the
+      uninterrupted run drew;
+    * its share of the gradient: each loss is divided by ``k`` and the gradients add up, then DDP averages
+      over the ``W`` processes, all-reducing once per step (the other micro-steps run under ``no_sync``);
+    * micro-batch BCN's estimates pool the step's micro-batches (:func:`~wsbcn_d2.layers.accumulate_estimates`).
+
+    The optimizer (momentum, weight decay, gradient clipping), the LR schedule and hooks act once per step.
+    With ``precision`` the forwards run under autocast; float16 losses are scaled by ``grad_scaler``, which
+    unscales, skips a step with an inf or NaN gradient from any micro-step and updates its scale once per
+    step. The logged losses are the micro-steps' means and ``data_time`` the longest fetch, as the wider run
+    logs them (detectron2 averages losses over processes and takes their longest ``data_time``).
     """
 
-    def __init__(self, seed: int):
-        self._seed = seed
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int = 1,
+        seed: Optional[int] = None,
+        precision: Optional[torch.dtype] = None,
+        grad_scaler: Optional[torch.amp.GradScaler] = None,
+    ):
+        """
+        Args:
+            model, data_loader, optimizer: as for detectron2's SimpleTrainer.
+            accumulation_steps: forwards (micro-steps) per optimizer step.
+            seed: seeds each micro-step's random draws; None leaves the generators alone.
+            precision: autocast's dtype (torch.float16 or torch.bfloat16); None runs without autocast.
+            grad_scaler: scales float16 losses; by default a new GradScaler on the model's device type.
+        """
+        super().__init__(model, data_loader, optimizer)
+        self.accumulation_steps = accumulation_steps
+        self.seed = seed
+        self.precision = precision
+        self._device_type = next(model.parameters()).device.type
+        if precision == torch.float16 and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler(self._device_type)
+        self.grad_scaler = grad_scaler
 
-    def before_step(self) -> None:
-        seed_all_rng(derive_seed(self._seed, _ITERATION_KEY, comm.get_rank(), self.trainer.iter))
+    def _micro_step(self, j: int) -> Tuple[dict, float]:
+        """Forward and backward of micro-step ``j``; returns its detached losses and its data time."""
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.seed is not None:
+            virtual_rank = comm.get_rank() * self.accumulation_steps + j
+            seed_all_rng(derive_seed(self.seed, _ITERATION_KEY, virtual_rank, self.iter))
+        with torch.autocast(self._device_type, dtype=self.precision, enabled=self.precision is not None):
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        losses = sum(loss_dict.values()) / self.accumulation_steps
+        (losses if self.grad_scaler is None else self.grad_scaler.scale(losses)).backward()
+        return {name: value.detach() for name, value in loss_dict.items()}, data_time
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AccumulatingTrainer] model was changed to eval mode!"
+        k = self.accumulation_steps
+        self.optimizer.zero_grad()
+        loss_dicts, data_times = [], []
+        with accumulate_estimates(self.model) if k > 1 else contextlib.nullcontext():
+            for j in range(k):
+                last = j == k - 1
+                with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                    loss_dict, data_time = self._micro_step(j)
+                loss_dicts.append(loss_dict)
+                data_times.append(data_time)
+        self.after_backward()
+        mean_losses = {name: sum(d[name] for d in loss_dicts) / k for name in loss_dicts[0]}
+        self._write_metrics(mean_losses, max(data_times))
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()  # AMPTrainer's key
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
 class ProgressWriter(PeriodicWriter):
@@ -228,13 +328,27 @@ def _run_then_leave_process_group(main_func: Callable, *args) -> None:
         dist.destroy_process_group()
 
 
+def warn_batch_statistics(cfg: CfgNode) -> None:
+    """With ``SOLVER.ACCUMULATION_STEPS > 1``, warn in one line about each used norm slot whose norm normalizes
+    with the statistics of the batch it sees: each micro-batch's own, not those of the wider run's batch."""
+    steps = cfg.SOLVER.ACCUMULATION_STEPS
+    slots = {f"{s.key} {s.value(cfg)!r}": None for s in used_norm_slots(cfg) if s.value(cfg) in BATCH_STATISTICS_NORMS}
+    if steps > 1 and slots:
+        logger.warning(
+            f"SOLVER.ACCUMULATION_STEPS {steps}: {', '.join(slots)} normalize each micro-batch with its own batch "
+            f"statistics, so training is not that of {steps} times as many processes (GN, FrozenBN, BCN are)."
+        )
+
+
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with:
 
     * DDP for CPU models too (``MODEL.DEVICE cpu``, GLOO): ``device_ids`` are passed only for CUDA models;
     * :class:`WSBCNCheckpointer`, which refuses unconverted official ``.pth`` backbones;
     * a training loader that resumes where it stopped (:class:`ResumableBatchSampler`,
-      :class:`SeededMapDataset`) and, with ``SEED >= 0``, :class:`IterationSeed`;
+      :class:`SeededMapDataset`) and, with ``SEED >= 0``, random draws seeded per iteration;
+    * ``SOLVER.ACCUMULATION_STEPS`` forwards per optimizer step, and ``SOLVER.AMP.PRECISION``
+      (:class:`AccumulatingTrainer`, also on CPU);
     * progress lines from the first iterations on and at least every minute (:class:`ProgressWriter`);
     * COCO evaluation.
     """
@@ -250,7 +364,15 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = AccumulatingTrainer(
+            model,
+            data_loader,
+            optimizer,
+            accumulation_steps=cfg.SOLVER.ACCUMULATION_STEPS,
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+            precision=AMP_PRECISIONS[cfg.SOLVER.AMP.PRECISION] if cfg.SOLVER.AMP.ENABLED else None,
+        )
+        warn_batch_statistics(cfg)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -274,12 +396,9 @@ class Trainer(DefaultTrainer):
         check_precise_bn(self.cfg)  # before detectron2 adds its PreciseBN hook
         # detectron2's PeriodicWriter, built inside build_hooks, becomes a ProgressWriter of the same writers
         # (not new ones: a second JSONWriter would append to metrics.json too)
-        hooks = [
+        return [
             ProgressWriter(h._writers, h._period) if type(h) is PeriodicWriter else h for h in super().build_hooks()
         ]
-        if self.cfg.SEED >= 0:
-            hooks.insert(0, IterationSeed(self.cfg.SEED))
-        return hooks
 
     @classmethod
     def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -313,18 +432,19 @@ class Trainer(DefaultTrainer):
         own loader, whose stream restarts on resume.
         """
         args = build_detection_train_loader.from_config(cfg)
+        world_size, steps = comm.get_world_size(), cfg.SOLVER.ACCUMULATION_STEPS
+        check_batch_split(cfg, world_size)
+        args["total_batch_size"] //= steps  # images per forward, over all processes
         if type(args["sampler"]) is not TrainingSampler:
             logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run restarts its data.")
             return build_detection_train_loader(**args)
-        total, world_size = args["total_batch_size"], comm.get_world_size()
-        if total % world_size != 0:
-            raise ValueError(f"SOLVER.IMS_PER_BATCH {total} must divide among {world_size} processes.")
         dicts = args["dataset"]
         grouping = args["aspect_ratio_grouping"]
         sampler = ResumableBatchSampler(
             [int(d["width"] > d["height"]) if grouping else 0 for d in dicts],
-            total // world_size,
+            args["total_batch_size"] // world_size,
             seed=cfg.SEED if cfg.SEED >= 0 else None,
+            accumulation_steps=steps,
         )
         return torchdata.DataLoader(
             SeededMapDataset(dicts, args["mapper"]),

@@ -2,13 +2,17 @@
 
 Each process writes ``OUTPUT_DIR/rank<R>.pth`` after training: ``{"state": its model's
 state dict, "estimates": [its BCN estimates after each step], "losses": {name: [(value,
-iteration), ...]}}`` (losses are logged by rank 0 only, averaged over the processes).
+iteration), ...]}, "optimizer": the optimizer's state dict, "allreduce": (gradient all-reduce
+passes, buckets all-reduced) under DDP}`` (losses are logged by rank 0 only, averaged over the
+processes). DDP's all-reduce is counted by a comm hook that all-reduces as DDP does by default.
 """
 import os
 import sys
 
 import torch
 from detectron2.engine import HookBase
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 from detectron2.utils import comm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
@@ -34,11 +38,27 @@ class DumpRankState(HookBase):
             "state": self._state(),
             "estimates": self._estimates,
             "losses": {name: h.values() for name, h in histories.items() if "loss" in name},
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "allreduce": (ALLREDUCE["passes"], ALLREDUCE["buckets"]),
         }
         torch.save(dump, os.path.join(self.trainer.cfg.OUTPUT_DIR, f"rank{comm.get_rank()}.pth"))
 
 
+ALLREDUCE = {"passes": 0, "buckets": 0}
+
+
+def counting_allreduce(state, bucket):
+    ALLREDUCE["passes"] += bucket.index() == 0
+    ALLREDUCE["buckets"] += 1
+    return allreduce_hook(state, bucket)
+
+
 class DumpingTrainer(train_net.Trainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.register_comm_hook(None, counting_allreduce)
+
     def build_hooks(self):
         return super().build_hooks() + [DumpRankState()]
 

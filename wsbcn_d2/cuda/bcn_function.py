@@ -69,9 +69,9 @@ def on_kernels(
     issuing them)."""
     bn = bcn.batch_norm
     update = isinstance(bn, EstimatedBatchNorm2d) and bn.training and bn.update_rate > 0
-    # across processes the estimates follow all-reduced statistics (torch), else the kernel updates them
+    # across processes or micro-steps the estimates follow pooled statistics (torch), else the kernel updates them
     sync: Optional[Callable] = None
-    if update and comm.get_world_size() > 1:
+    if update and (comm.get_world_size() > 1 or bn.accumulating):
         sync = functools.partial(bn.update_estimates, spatial_size=math.prod(x.shape[2:]))
     settings = (bn.eps, bcn.eps, bn.update_rate if update else 0.0, sync, group_norm_output_dtype(x), relu)
     tensors = (x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var, bcn.weight, bcn.bias)

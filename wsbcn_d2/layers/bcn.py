@@ -18,7 +18,8 @@ Two batch steps exist:
 """
 import functools
 import math
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
@@ -32,6 +33,7 @@ from .ws_conv import export_error
 __all__ = [
     "BatchChannelNorm2d",
     "EstimatedBatchNorm2d",
+    "accumulate_estimates",
     "DEFAULT_UPDATE_RATE",
     "channel_moments",
     "group_norm_output_dtype",
@@ -175,33 +177,55 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(f"update_rate must be in [0, 1], got {update_rate}")
         super().__init__(num_features, eps=eps)
         self.update_rate = update_rate
+        # set by accumulate_estimates(), with the step's starting estimates and pooled statistics so far
+        self._accumulating = False
+        self._step_start: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._step_stats: Optional[torch.Tensor] = None
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether the estimates pool the batches of one optimizer step (:func:`accumulate_estimates`)."""
+        return self._accumulating
 
     @torch.no_grad()
     def update_estimates(self, mean: torch.Tensor, var: torch.Tensor, spatial_size: int) -> None:
         """Move the estimates towards a batch given its per-(sample, channel) moments.
+
+        Within :func:`accumulate_estimates`, the batches of one optimizer step are pooled: the
+        estimates become ``(1 - r) * start + r * pooled`` with ``start`` the step's starting
+        estimates and ``pooled`` the statistics of the step's batches so far (variance around
+        ``start``'s mean), which after the step's last batch is the update a run seeing all of
+        them in one batch makes.
 
         Args:
             mean, var: (N, C) mean and biased variance of each sample's channel over (H, W),
                 as :func:`channel_moments` returns them.
             spatial_size: H * W.
         """
+        accumulating = self._accumulating
+        if accumulating and self._step_start is None:  # the step's first batch
+            self._step_start = (self.running_mean.clone(), self.running_var.clone())
+        start_mean, start_var = self._step_start if accumulating else (self.running_mean, self.running_var)
         count = mean.shape[0] * spatial_size
         stats = mean.new_zeros(2 * self.num_features + 1)
         if count > 0:
-            # sum of x and of (x - running_mean)^2 per channel, from each sample's centered moments
+            # sum of x and of (x - start_mean)^2 per channel, from each sample's centered moments
             mean_sum = mean.sum(dim=0) * spatial_size
-            dist_sum = (var + (mean - self.running_mean).square()).sum(dim=0) * spatial_size
+            dist_sum = (var + (mean - start_mean).square()).sum(dim=0) * spatial_size
             stats = torch.cat([mean_sum, dist_sum, stats.new_full((1,), count)])
         if comm.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank joins, even with an empty batch
-        elif count == 0:
+        elif count == 0 and not accumulating:
             return
+        if accumulating:
+            self._step_stats = stats if self._step_stats is None else self._step_stats + stats
+            stats = self._step_stats
         mean_sum, dist_sum, total = stats.split([self.num_features, self.num_features, 1])
         dtype = self.running_mean.dtype  # the estimates keep their own dtype
         rate = (total > 0).to(dtype) * self.update_rate  # no update when no process saw a sample
         total = total.clamp(min=1)
-        self.running_mean.lerp_((mean_sum / total).to(dtype), rate)
-        self.running_var.lerp_((dist_sum / total).to(dtype), rate)
+        self.running_mean.copy_(start_mean.lerp((mean_sum / total).to(dtype), rate))
+        self.running_var.copy_(start_var.lerp((dist_sum / total).to(dtype), rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.update_rate > 0:
@@ -212,6 +236,26 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, update_rate={self.update_rate}"
+
+
+@contextmanager
+def accumulate_estimates(model: nn.Module) -> Iterator[None]:
+    """The forwards of ``model`` within form one optimizer step of gradient accumulation.
+
+    Every :class:`EstimatedBatchNorm2d` of ``model`` pools the statistics of the batches it sees
+    within (all processes) and updates its estimates once per batch from the pooled statistics
+    and the step's starting estimates: micro-batch ``j`` normalizes with estimates that have seen
+    batches ``0..j``, and after the last one they are the estimates of a run that saw all the
+    step's batches in one batch (or in as many processes). Without it, each forward is a step.
+    """
+    layers = [m for m in model.modules() if isinstance(m, EstimatedBatchNorm2d)]
+    for layer in layers:
+        layer._accumulating = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._accumulating, layer._step_start, layer._step_stats = False, None, None
 
 
 class BatchChannelNorm2d(nn.GroupNorm):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .bcn import DEFAULT_UPDATE_RATE, BatchChannelNorm2d
 
-__all__ = ["NormOptions", "register_norm", "resolve_norm", "norm_names"]
+__all__ = ["BATCH_STATISTICS_NORMS", "NormOptions", "register_norm", "resolve_norm", "norm_names"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,6 @@ register_norm(
     lambda c, o: BatchChannelNorm2d(c, o.bcn_num_groups, o.bcn_eps, estimate=False),
 )
 del _name
+
+BATCH_STATISTICS_NORMS = frozenset({"BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "SyncBCN"})
+"""Norms that normalize (in training) with the statistics of the batch they see."""
