@@ -18,6 +18,12 @@ repetition):
 trains with 1-2 per GPU); ``--amp`` runs both under bfloat16 autocast, as
 ``SOLVER.AMP.ENABLED`` does for training.
 
+``--accumulation-steps K`` measures, instead, each variant's training step over
+``--images`` images in one forward against the same images in K forwards of
+``images / K`` (``SOLVER.ACCUMULATION_STEPS K``): the bytes saved for backward by
+one forward, the step time (the same images: the ratio is that of the time per
+image) and, on GPU, CUDA's peak, as ratios to the one-forward step.
+
 Each variant's figures are reported as ratios to GN: the median over
 repetitions of the ratio measured in the same repetition, with a 95%
 confidence interval of that median (from 6 repetitions on) and its min-max.
@@ -34,8 +40,9 @@ On a GPU, ``make gpu-check`` runs it at 800 and 1333 px with 2 images per step,
 in float32 and bfloat16 (tools/gpu_check.sh).
 """
 import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_startup.py)
-import contextlib
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -56,7 +63,7 @@ from torch import nn
 
 from wsbcn_d2 import add_wsbcn_config, fold_for_inference
 from wsbcn_d2.cuda import dispatch
-from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d
+from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d, accumulate_estimates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "mask_rcnn_R_50_FPN_2x_gn_ws.yaml")
@@ -174,7 +181,7 @@ class _Clock:
 class _Runner:
     """One variant's model, optimizer and timed steps (under bfloat16 autocast with ``amp``)."""
 
-    def __init__(self, cfg: CfgNode, seed: int, amp: bool = False):
+    def __init__(self, cfg: CfgNode, seed: int, amp: bool = False, accumulation_steps: int = 1):
         # learning rate 0: weights stay put (same work every repetition) but are still written in place
         cfg = cfg.clone()
         cfg.merge_from_list(["SOLVER.BASE_LR", 0.0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
@@ -182,17 +189,21 @@ class _Runner:
         self.optimizer = build_optimizer(cfg, self.model)
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.amp = amp
+        self.accumulation_steps = accumulation_steps
         self.folded: Optional[nn.Module] = None
         self.num_fg = float("nan")
 
     def train_step(self, batch: List[Dict]) -> Dict[str, float]:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        k = self.accumulation_steps
         with EventStorage(0) as storage, _Clock(self.device) as clock:
-            with self._autocast():
-                loss = sum(self.model(batch).values())
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with accumulate_estimates(self.model) if k > 1 else contextlib.nullcontext():
+                for micro_batch in _split(batch, k):
+                    with self._autocast():
+                        loss = sum(self.model(micro_batch).values()) / k
+                    loss.backward()
             self.optimizer.step()
         self.num_fg = storage.history("roi_head/num_fg_samples").latest()
         out = clock.times("train")
@@ -219,6 +230,12 @@ class _Runner:
                     model(images)
                 out.update(clock.times(name))
         return out
+
+
+def _split(batch: List[Dict], parts: int) -> List[List[Dict]]:
+    """``batch`` in ``parts`` consecutive micro-batches of equal size."""
+    size = len(batch) // parts
+    return [batch[i * size : (i + 1) * size] for i in range(parts)]
 
 
 def _interleaved(
@@ -344,6 +361,57 @@ def measure(
     return results
 
 
+def measure_accumulation(
+    cfg: CfgNode, short_side: int, steps: int, reps: int = 3, warmup: int = 1, seed: int = 0, images: int = 2,
+    amp: bool = False,
+) -> Dict[str, Dict]:
+    """One variant's training step over ``images`` images in one forward (``"1"``) against ``steps`` forwards of
+    ``images / steps`` images (``str(steps)``), the same model and images.
+
+    Returns, per way: ``saved_bytes`` / ``saved_activation_bytes`` of one forward, and ``train_s``,
+    ``train_cpu_s`` (and ``cuda_peak_bytes`` on GPU) as the median and the per-repetition ratio to the
+    one-forward step (see :func:`measure`).
+    """
+    if images % steps:
+        raise ValueError(f"--images {images} does not split into --accumulation-steps {steps} forwards")
+    runners = {str(k): _Runner(cfg, seed, amp, accumulation_steps=k) for k in (1, steps)}
+    device = runners["1"].device
+    batch = [{k: v.to(device) for k, v in synthetic_input(short_side, seed=seed + i).items()} for i in range(images)]
+    with runners["1"]._autocast():
+        results = {way: saved_tensor_bytes(r.model, _split(batch, r.accumulation_steps)[0]) for way, r in runners.items()}
+    print(f"[{short_side} px] timing {images} images in 1 and in {steps} forwards", file=sys.stderr, flush=True)
+    train = _interleaved(runners, lambda r: r.train_step(batch), True, reps, warmup)
+    for way, res in results.items():
+        res.update(_ratio_summary(train[way], train["1"]))
+        for key in ("saved_bytes", "saved_activation_bytes"):
+            res[f"{key}_ratio"] = res[key] / results["1"][key]
+    return results
+
+
+def format_accumulation_table(all_results: Dict[int, Dict[str, Dict[str, Dict]]], images: int, timer: str) -> str:
+    """A markdown table of :func:`measure_accumulation`'s results, per (size, variant, forwards per step)."""
+    suffix = "_s" if timer == "wall" else "_cpu_s"
+    cuda = any("cuda_peak_bytes" in r for by_variant in all_results.values() for ways in by_variant.values()
+               for r in ways.values())  # fmt: skip
+    header = ["short side", "variant", "forwards x images", "step time", "saved for backward, one forward"]
+    header += ["CUDA peak"] if cuda else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size, by_variant in all_results.items():
+        for variant, ways in by_variant.items():
+            for way, res in ways.items():
+                row = [f"{way} x {images // int(way)}"]
+                if way == "1":
+                    row.append(f"{res[f'train{suffix}']['median']:.2f} s")
+                    row.append(f"{res['saved_bytes'] / 2**20:.0f} MiB")
+                    row += [f"{res['cuda_peak_bytes']['median'] / 2**20:.0f} MiB"] if cuda else []
+                else:
+                    row.append(_ratio_cell(res[f"train{suffix}"]))
+                    row.append(f"{res['saved_bytes_ratio']:.3f} ({res['saved_bytes'] / 2**20:.0f} MiB)")
+                    row += [_ratio_cell(res["cuda_peak_bytes"])] if cuda else []
+                lines.append(f"| {size} | {variant} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def format_table(all_results: Dict[int, Dict[str, Dict]], timer: str = "wall") -> str:
     """A markdown table of ratios to the baseline, one row per (size, variant).
 
@@ -399,6 +467,10 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant")
     parser.add_argument("--images", type=int, default=1, help="images per training step and inference call")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (as SOLVER.AMP.ENABLED)")
+    parser.add_argument(
+        "--accumulation-steps", type=int, default=1,
+        help="K > 1: each variant's step over --images images in one forward against K forwards",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -412,18 +484,33 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--markdown", help="also write the table, machine and command to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every variant")
     args = parser.parse_args(argv)
-    if BASELINE not in args.variants:
+    accumulation = args.accumulation_steps > 1
+    if BASELINE not in args.variants and not accumulation:
         parser.error(f"--variants must include {BASELINE}")
+    if accumulation and args.images % args.accumulation_steps:
+        parser.error(f"--images {args.images} does not split into --accumulation-steps {args.accumulation_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfgs = {v: load_variant_config(args.config_file, v, ["MODEL.DEVICE", args.device, *args.opts]) for v in args.variants}
     all_results = {}
+    if accumulation:
+        table = functools.partial(format_accumulation_table, images=args.images, timer=args.timer)
+    else:
+        table = functools.partial(format_table, timer=args.timer)
     for size in args.sizes:
-        all_results[size] = measure(
-            cfgs, size, reps=args.reps, warmup=args.warmup, images=args.images, amp=args.amp
-        )
-        print(format_table({size: all_results[size]}, args.timer), flush=True)
+        if accumulation:
+            all_results[size] = {
+                variant: measure_accumulation(
+                    cfg, size, args.accumulation_steps, args.reps, args.warmup, images=args.images, amp=args.amp
+                )
+                for variant, cfg in cfgs.items()
+            }
+        else:
+            all_results[size] = measure(
+                cfgs, size, reps=args.reps, warmup=args.warmup, images=args.images, amp=args.amp
+            )
+        print(table({size: all_results[size]}), flush=True)
     report = {
         "machine": {
             "device": _machine(args.device),
@@ -434,13 +521,14 @@ def main(argv: Sequence[str] = None) -> Dict:
         "config_file": os.path.relpath(args.config_file, REPO),
         "opts": args.opts,
         "images": args.images,
+        "accumulation_steps": args.accumulation_steps,
         "precision": "bfloat16 autocast" if args.amp else "float32",
         "kernels": "triton" if dispatch.use_kernels(torch.zeros(1, device=args.device)) else "torch",
         "reps": args.reps,
         "warmup": args.warmup,
         "timer": args.timer,
         "results": all_results,
-        "table": format_table(all_results, args.timer),
+        "table": table(all_results),
     }
     print(report["table"])
     if args.json:
@@ -463,14 +551,17 @@ def _command_line(argv: Sequence[str]) -> str:
 def _markdown(report: Dict, argv: Sequence[str]) -> str:
     machine = report["machine"]
     timer = "process CPU time" if report["timer"] == "cpu" else "wall-clock time"
+    accumulation = report["accumulation_steps"] > 1
+    title = "Gradient accumulation, ratio to one forward" if accumulation else "Cost of WS and BCN, ratio to GN"
     return "\n".join(
         [
-            "# Cost of WS and BCN, ratio to GN",
+            f"# {title}",
             "",
             f"{machine['date']}, {machine['device']}, {machine['threads']} torch thread(s), torch {machine['torch']};",
             f"`{report['config_file']}` {' '.join(report['opts'])}; {report['images']} image(s) per step, "
             f"{report['precision']}, WS/BCN through the {report['kernels']} code; {report['warmup']} warm-up and "
-            f"{report['reps']} interleaved repetitions per variant; times are {timer}. Ratios to GN: median over",
+            f"{report['reps']} interleaved repetitions per variant; times are {timer}. Ratios to "
+            f"{'one forward' if accumulation else 'GN'}: median over",
             "repetitions [its 95% confidence interval, given from 6 repetitions on] (min-max).",
             "",
             f"    {_command_line(argv)}",

@@ -80,3 +80,22 @@ def test_median_interval_needs_six_values_at_95_percent(benchmark):
     summary = {"ratio": 1.1, "ratio_interval": None, "ratio_min": 0.9, "ratio_max": 1.3}
     assert benchmark._ratio_cell(summary) == "1.100 (0.90-1.30)"
     assert benchmark._ratio_cell({**summary, "ratio_interval": (1.05, 1.15)}) == "1.100 [1.050-1.150] (0.90-1.30)"
+
+
+def test_accumulation_halves_a_forwards_saved_tensors(benchmark, tmp_path):
+    # GN: at 64 px, WS's standardized weights (saved once per forward) would outweigh the activations
+    cfg = benchmark.load_variant_config(CONFIG, "GN", ["MODEL.DEVICE", "cpu"])
+    results = benchmark.measure_accumulation(cfg, short_side=64, steps=2, reps=1, warmup=0, images=2)
+    one, two = results["1"], results["2"]
+    # one image per forward: half the activations of two (the same images, one at a time)
+    assert 0.45 < two["saved_activation_bytes"] / one["saved_activation_bytes"] < 0.55
+    assert two["saved_bytes_ratio"] < 1 and one["train_s"]["ratio"] == 1.0 and two["train_s"]["ratio_min"] > 0
+
+    out = tmp_path / "bench.json"
+    args = ["--config-file", CONFIG, "--sizes", "64", "--reps", "1", "--warmup", "0", "--json", str(out)]
+    benchmark.main([*args, "--device", "cpu", "--variants", "BCN+WS", "--images", "2", "--accumulation-steps", "2"])
+    report = json.loads(out.read_text())
+    assert report["accumulation_steps"] == 2 and set(report["results"]["64"]["BCN+WS"]) == {"1", "2"}
+    assert "| 64 | BCN+WS | 2 x 1 |" in report["table"] and "| 64 | BCN+WS | 1 x 2 |" in report["table"]
+    with pytest.raises(SystemExit):
+        benchmark.main([*args, "--images", "3", "--accumulation-steps", "2"])
