@@ -3,7 +3,10 @@
 
 Flags as detectron2's lazyconfig_train_net.py: ``--config-file``, ``--num-gpus``,
 ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``--resume``, ``--eval-only``
-and trailing ``path.to.key=value`` overrides. WS models name
+and trailing ``path.to.key=value`` overrides. ``train.accumulation_steps`` (default 1)
+forwards per optimizer step, ``dataloader.train.total_batch_size`` images per optimizer step
+over all processes, ``train.amp.precision`` ("float16" or "bfloat16") autocast's dtype under
+``train.amp.enabled`` (:class:`wsbcn_d2.engine.AccumulatingTrainer`). WS models name
 :func:`wsbcn_d2.modeling.build_ws_model` as the model's ``_target_``, e.g.
 configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_bcn_ws.py.
 """
@@ -11,21 +14,15 @@ import _startup  # noqa: F401  (first: quiets detectron2's import, see tools/_st
 import logging
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-)
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig
 from torch import nn
 
 from wsbcn_d2.checkpoint import WSBCNCheckpointer
-from wsbcn_d2.engine import ProgressWriter, create_ddp_model, launch
+from wsbcn_d2.config import amp_dtype, check_batch_split
+from wsbcn_d2.engine import AccumulatingTrainer, ProgressWriter, create_ddp_model, launch
 
 logger = logging.getLogger("detectron2")
 
@@ -40,13 +37,22 @@ def evaluate(cfg: DictConfig, model: nn.Module) -> dict:
 
 
 def train(cfg: DictConfig, resume: bool) -> None:
+    steps = cfg.train.get("accumulation_steps", 1)
+    keys = ("dataloader.train.total_batch_size", "train.accumulation_steps")
+    check_batch_split(cfg.dataloader.train.total_batch_size, comm.get_world_size(), steps, keys)
+    precision = amp_dtype(cfg.train.amp.get("precision", "float16"), "train.amp.precision")
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
-        model, instantiate(cfg.dataloader.train), optimizer
+    cfg.dataloader.train.total_batch_size //= steps  # images per forward, over all processes
+    trainer = AccumulatingTrainer(
+        model,
+        instantiate(cfg.dataloader.train),
+        optimizer,
+        accumulation_steps=steps,
+        precision=precision if cfg.train.amp.enabled else None,
     )
     checkpointer = WSBCNCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     main_process_hooks = [

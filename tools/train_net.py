@@ -16,7 +16,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from wsbcn_d2.checkpoint import check_weights
-from wsbcn_d2.config import check_batch_split, check_device, check_frozen_stages, load_config
+from wsbcn_d2.config import amp_dtype, check_batch_split, check_device, check_frozen_stages, load_config
 from wsbcn_d2.data import add_register_coco_argument, check_dataset_names, infer_mask_format, register_coco_dataset
 from wsbcn_d2.engine import Trainer, available_cpus, launch
 
@@ -78,7 +78,8 @@ def check_inputs(args) -> None:
         register_coco_dataset(name, json_file, image_root)
     cfg = load_config(args.config_file, args.opts)
     check_device(cfg)
-    check_batch_split(cfg, args.num_gpus * args.num_machines)
+    check_batch_split(cfg.SOLVER.IMS_PER_BATCH, args.num_gpus * args.num_machines, cfg.SOLVER.ACCUMULATION_STEPS)
+    amp_dtype(cfg.SOLVER.AMP.PRECISION)
     check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
     if not args.eval_only:
         check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")

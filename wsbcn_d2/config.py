@@ -17,6 +17,7 @@ from .layers import DEFAULT_UPDATE_RATE, WS_FORMS, norm_names
 __all__ = [
     "AMP_PRECISIONS",
     "NORM_SLOTS",
+    "amp_dtype",
     "NormSlot",
     "add_wsbcn_config",
     "cfg_value",
@@ -337,20 +338,26 @@ AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 """``SOLVER.AMP.PRECISION`` values and their dtypes."""
 
 
-def check_batch_split(cfg: CN, processes: int) -> None:
-    """Raise a one-line ValueError where ``SOLVER.IMS_PER_BATCH`` images per optimizer step do not split
-    into ``processes x SOLVER.ACCUMULATION_STEPS`` equal forwards, or ``SOLVER.AMP.PRECISION`` is unknown."""
-    steps, total = cfg.SOLVER.ACCUMULATION_STEPS, cfg.SOLVER.IMS_PER_BATCH
+def check_batch_split(
+    total: int, processes: int, steps: Any, keys: Tuple[str, str] = ("SOLVER.IMS_PER_BATCH", "SOLVER.ACCUMULATION_STEPS")
+) -> None:
+    """Raise a one-line ValueError naming ``keys`` (images per optimizer step, forwards per step) where
+    ``total`` images do not split into ``processes x steps`` equal forwards."""
+    total_key, steps_key = keys
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"SOLVER.ACCUMULATION_STEPS must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"{steps_key} must be an integer >= 1, got {steps!r}")
     if total % (processes * steps):
         raise ValueError(
-            f"SOLVER.IMS_PER_BATCH {total} does not divide among {processes} processes (--num-gpus x "
-            f"--num-machines) x SOLVER.ACCUMULATION_STEPS {steps}: set a multiple of {processes * steps}"
+            f"{total_key} {total} does not divide among {processes} processes (--num-gpus x --num-machines) x "
+            f"{steps_key} {steps}: set a multiple of {processes * steps}"
         )
-    precision = cfg.SOLVER.AMP.PRECISION
+
+
+def amp_dtype(precision: str, key: str = "SOLVER.AMP.PRECISION") -> torch.dtype:
+    """The autocast dtype named ``precision``; a one-line ValueError naming ``key`` for another value."""
     if precision not in AMP_PRECISIONS:
-        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {', '.join(map(repr, AMP_PRECISIONS))}, got {precision!r}")
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, AMP_PRECISIONS))}, got {precision!r}")
+    return AMP_PRECISIONS[precision]
 
 
 def check_device(cfg: CN) -> None:

@@ -42,7 +42,7 @@ from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
-from .config import AMP_PRECISIONS, check_batch_split, check_precise_bn, used_norm_slots
+from .config import amp_dtype, check_batch_split, check_precise_bn, used_norm_slots
 from .layers import BATCH_STATISTICS_NORMS, accumulate_estimates
 from .modeling import check_ws_coverage
 
@@ -370,7 +370,7 @@ class Trainer(DefaultTrainer):
             optimizer,
             accumulation_steps=cfg.SOLVER.ACCUMULATION_STEPS,
             seed=cfg.SEED if cfg.SEED >= 0 else None,
-            precision=AMP_PRECISIONS[cfg.SOLVER.AMP.PRECISION] if cfg.SOLVER.AMP.ENABLED else None,
+            precision=amp_dtype(cfg.SOLVER.AMP.PRECISION) if cfg.SOLVER.AMP.ENABLED else None,
         )
         warn_batch_statistics(cfg)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -433,7 +433,7 @@ class Trainer(DefaultTrainer):
         """
         args = build_detection_train_loader.from_config(cfg)
         world_size, steps = comm.get_world_size(), cfg.SOLVER.ACCUMULATION_STEPS
-        check_batch_split(cfg, world_size)
+        check_batch_split(args["total_batch_size"], world_size, steps)
         args["total_batch_size"] //= steps  # images per forward, over all processes
         if type(args["sampler"]) is not TrainingSampler:
             logger.warning(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run restarts its data.")

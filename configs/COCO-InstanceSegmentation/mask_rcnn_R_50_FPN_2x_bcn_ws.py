@@ -46,7 +46,8 @@ dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.train.total_batch_size = 8
+dataloader.train.total_batch_size = 8  # images per optimizer step, over all processes
+train.accumulation_steps = 1  # forwards per step: 2 on 2 GPUs, 4 on one, train with the 4-GPU batch
 
 train.init_checkpoint = "pretrained/rn50_bcn_ws.pkl"
 train.max_iter = 360000

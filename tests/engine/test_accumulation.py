@@ -1,5 +1,7 @@
 """SOLVER.ACCUMULATION_STEPS k: micro-step j of process r trains what process r * k + j of a run with k times
 as many processes trains (tools/train_net.py end to end, GLOO on CPU), and the parts of the step one by one."""
+import re
+
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -7,7 +9,7 @@ from dumped_runs import estimates, losses_from, preempt_after, train
 from torch import nn
 
 from helpers import DEMO_CONFIG, assert_as_accurate, assert_train_net_fails_cleanly, load_config, relative_error
-from wsbcn_d2.config import check_batch_split
+from wsbcn_d2.config import amp_dtype, check_batch_split
 from wsbcn_d2.data import generate_shapes_dataset, register_coco_dataset
 from wsbcn_d2.engine import AccumulatingTrainer, Trainer
 from wsbcn_d2.layers import BatchChannelNorm2d
@@ -198,18 +200,18 @@ def test_float16_overflow_in_one_micro_step_skips_the_whole_step():
 
 
 def test_bad_accumulation_values_stop_in_one_line(tmp_path):
-    cfg = load_config(DEMO_CONFIG)
-    for steps, processes, expected in (
-        (0, 1, "SOLVER.ACCUMULATION_STEPS must be an integer >= 1, got 0"),
-        (3, 1, "SOLVER.IMS_PER_BATCH 2 does not divide among 1 processes (--num-gpus x --num-machines) x "
-               "SOLVER.ACCUMULATION_STEPS 3: set a multiple of 3"),
-        (2, 2, "set a multiple of 4"),
+    for total, processes, steps, expected in (
+        (2, 1, 0, "SOLVER.ACCUMULATION_STEPS must be an integer >= 1, got 0"),
+        (2, 1, 3, "SOLVER.IMS_PER_BATCH 2 does not divide among 1 processes (--num-gpus x --num-machines) x "
+                  "SOLVER.ACCUMULATION_STEPS 3: set a multiple of 3"),
+        (6, 2, 2, "set a multiple of 4"),
     ):  # fmt: skip
-        cfg.SOLVER.ACCUMULATION_STEPS = steps
-        with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            check_batch_split(cfg, processes)
-    cfg.SOLVER.ACCUMULATION_STEPS, cfg.SOLVER.AMP.PRECISION = 1, "float8"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            check_batch_split(total, processes, steps)
+    check_batch_split(8, 2, 2)
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION must be one of 'float16', 'bfloat16', got 'float8'"):
-        check_batch_split(cfg, 1)
+        amp_dtype("float8")
     args = ["--config-file", DEMO_CONFIG, "SOLVER.ACCUMULATION_STEPS", "3"]
     assert_train_net_fails_cleanly(tmp_path, args, ["SOLVER.ACCUMULATION_STEPS 3", "set a multiple of 3"])
+    args = ["--config-file", DEMO_CONFIG, "SOLVER.AMP.PRECISION", "half"]
+    assert_train_net_fails_cleanly(tmp_path, args, ["SOLVER.AMP.PRECISION must be one of"])

@@ -52,7 +52,8 @@ def test_lazyconfig_train_net_trains_a_step(tmp_path):
     out = tmp_path / "out"
     overrides = [
         f"train.output_dir={out}", "train.device=cpu", "train.init_checkpoint=", "train.max_iter=1",
-        "dataloader.train.total_batch_size=1", "dataloader.train.num_workers=0",
+        # one image per forward, two forwards per step
+        "dataloader.train.total_batch_size=2", "train.accumulation_steps=2", "dataloader.train.num_workers=0",
     ]
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "lazyconfig_train_net.py"), "--config-file", str(config), *overrides],
@@ -64,4 +65,5 @@ def test_lazyconfig_train_net_trains_a_step(tmp_path):
     assert metrics["iteration"] == 0 and math.isfinite(metrics["total_loss"]) and metrics["total_loss"] > 0
     assert (out / "model_final.pth").is_file()
     saved = LazyConfig.load(str(out / "config.yaml"))
+    assert saved.dataloader.train.total_batch_size == 2 and saved.train.accumulation_steps == 2
     assert saved.model._target_.endswith("build_ws_model") and saved.model.meta_arch.endswith("GeneralizedRCNN")
