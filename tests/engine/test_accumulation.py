@@ -11,7 +11,7 @@ from torch import nn
 from helpers import DEMO_CONFIG, assert_as_accurate, assert_train_net_fails_cleanly, load_config, relative_error
 from wsbcn_d2.config import amp_dtype, check_batch_split
 from wsbcn_d2.data import generate_shapes_dataset, register_coco_dataset
-from wsbcn_d2.engine import AccumulatingTrainer, Trainer
+from wsbcn_d2.engine import AccumulatingTrainer, Trainer, warn_batch_statistics
 from wsbcn_d2.layers import BatchChannelNorm2d
 from wsbcn_d2.layers.bcn import channel_moments
 
@@ -215,3 +215,28 @@ def test_bad_accumulation_values_stop_in_one_line(tmp_path):
     assert_train_net_fails_cleanly(tmp_path, args, ["SOLVER.ACCUMULATION_STEPS 3", "set a multiple of 3"])
     args = ["--config-file", DEMO_CONFIG, "SOLVER.AMP.PRECISION", "half"]
     assert_train_net_fails_cleanly(tmp_path, args, ["SOLVER.AMP.PRECISION must be one of"])
+
+
+def test_bfloat16_micro_steps_run_under_autocast_without_a_scaler():
+    torch.manual_seed(0)
+    model, dtypes = _LinearLoss(), []
+    model.linear.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    batches = [[{"x": torch.randn(4)}], [{"x": torch.randn(4)}]]
+    trainer = AccumulatingTrainer(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), 2, precision=torch.bfloat16)
+    before = model.linear.weight.detach().clone()
+    trainer.train(0, 1)
+    assert trainer.grad_scaler is None and dtypes == [torch.bfloat16] * 2
+    assert not torch.equal(model.linear.weight, before)
+
+
+def test_norms_of_batch_statistics_warn_once(caplog):
+    cfg = load_config(DEMO_CONFIG, "MODEL.FPN.NORM", "SyncBN", "MODEL.ROI_BOX_HEAD.NORM", "GN")
+    for steps, expected in ((1, []), (2, ["MODEL.FPN.NORM 'SyncBN'"])):
+        cfg.SOLVER.ACCUMULATION_STEPS = steps
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="wsbcn_d2.engine"):
+            warn_batch_statistics(cfg)
+        assert len(caplog.records) == len(expected)
+        for record in caplog.records:
+            assert "SOLVER.ACCUMULATION_STEPS 2: MODEL.FPN.NORM 'SyncBN' normalize" in record.getMessage()
+            assert "BCN" not in record.getMessage().split("normalize")[0]  # the BCN slots are not named
