@@ -42,9 +42,9 @@ from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import WSBCNCheckpointer
-from .config import amp_dtype, check_batch_split, check_precise_bn, used_norm_slots
+from .config import amp_dtype, check_batch_split
 from .layers import BATCH_STATISTICS_NORMS, accumulate_estimates
-from .modeling import check_ws_coverage
+from .modeling import check_precise_bn, check_ws_coverage, used_norm_slots
 
 __all__ = [
     "Trainer",

@@ -197,9 +197,9 @@ def test_scripting_or_tracing_points_to_folding():
 
 
 def test_invalid_arguments():
-    with pytest.raises(ValueError, match="divide"):
+    with pytest.raises(ValueError, match="BCN num_groups 4 does not divide a layer's 10 channels"):
         BatchChannelNorm2d(10, num_groups=4)
-    with pytest.raises(ValueError, match="update_rate"):
+    with pytest.raises(ValueError, match=r"BCN update_rate must be a finite number in \[0, 1\], got 1.5"):
         BatchChannelNorm2d(8, num_groups=4, update_rate=1.5)
-    with pytest.raises(ValueError, match="eps"):
-        BatchChannelNorm2d(8, num_groups=4, eps=0)
+    with pytest.raises(ValueError, match="BCN eps must be a finite number > 0, got inf"):
+        BatchChannelNorm2d(8, num_groups=4, eps=float("inf"))

@@ -34,7 +34,12 @@ def test_passthrough_and_unknown_name():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"gn_num_groups": 0}, "group"), ({"bcn_eps": 0.0}, "eps"), ({"bcn_update_rate": -0.1}, "update rate")],
+    [
+        ({"gn_num_groups": 0}, "gn_num_groups must be an integer >= 1, got 0"),
+        ({"bcn_num_groups": 2.5}, "bcn_num_groups must be an integer >= 1, got 2.5"),
+        ({"bcn_eps": 0.0}, "bcn_eps must be a finite number > 0, got 0.0"),
+        ({"bcn_update_rate": float("nan")}, r"bcn_update_rate must be a finite number in \[0, 1\], got nan"),
+    ],
 )
 def test_invalid_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ import types
 import pytest
 
 from helpers import CONFIG_DIR, assert_train_net_fails_cleanly, load_config
-from wsbcn_d2.config import validate_wsbcn_config
+from wsbcn_d2.modeling import validate_wsbcn_config
 from wsbcn_d2.engine import Trainer
 
 DEMO = f"{CONFIG_DIR}/Demo/mask_rcnn_R_18_FPN_shapes_bcn_ws.yaml"

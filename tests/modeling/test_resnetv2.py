@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import BIT_NARROW as NARROW
 from helpers import assert_as_accurate, load_config, synthetic_batch
-from wsbcn_d2.config import validate_wsbcn_config
+from wsbcn_d2.modeling import validate_wsbcn_config
 from wsbcn_d2.cuda import dispatch, launcher
 from wsbcn_d2.cuda.fast_path import KernelBatchChannelNorm2d
 from wsbcn_d2.layers import BatchChannelNorm2d, WSConv2d

@@ -9,7 +9,7 @@ from detectron2.modeling.meta_arch.semantic_seg import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
 
 from helpers import load_config
-from wsbcn_d2.config import NORM_SLOTS, validate_wsbcn_config
+from wsbcn_d2.modeling import NORM_SLOTS, validate_wsbcn_config
 from wsbcn_d2.layers import WSConv2d
 from wsbcn_d2.modeling import check_ws_coverage
 

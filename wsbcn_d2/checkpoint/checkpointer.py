@@ -11,8 +11,8 @@ from detectron2.modeling import Backbone, build_model
 from detectron2.modeling.backbone import ResNet
 from torch import nn
 
-from ..config import cfg_value
 from ..layers import WSConv2d
+from ..modeling.norm_slots import cfg_value
 from ..modeling.resnetv2 import ResNetV2
 from .convert import _KEY_RE, NORM_FAMILIES, ConversionError, _state_dict
 from .io import AtomicWritePathManager, CheckpointError, read_failure

@@ -28,6 +28,7 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_eps, check_num_groups, check_update_rate
 from .ws_conv import export_error
 
 __all__ = [
@@ -173,8 +174,7 @@ class EstimatedBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, update_rate: float = DEFAULT_UPDATE_RATE):
-        if not 0.0 <= update_rate <= 1.0:
-            raise ValueError(f"update_rate must be in [0, 1], got {update_rate}")
+        check_update_rate(update_rate, "BCN update_rate")
         super().__init__(num_features, eps=eps)
         self.update_rate = update_rate
         # set by accumulate_estimates(), with the step's starting estimates and pooled statistics so far
@@ -293,10 +293,8 @@ class BatchChannelNorm2d(nn.GroupNorm):
                 False for large-batch BCN (batch norm synchronized across processes).
             update_rate: the estimates' update rate r (``estimate=True`` only).
         """
-        if num_groups < 1 or num_channels % num_groups != 0:
-            raise ValueError(f"BCN num_groups={num_groups} must be >= 1 and divide num_channels={num_channels}")
-        if eps <= 0:
-            raise ValueError(f"BCN eps must be > 0, got {eps}")
+        check_num_groups(num_groups, "BCN num_groups", num_channels)
+        check_eps(eps, "BCN eps")
         super().__init__(num_groups, num_channels, eps=eps, affine=False)
         self.weight = nn.Parameter(torch.ones(num_groups))
         self.bias = nn.Parameter(torch.zeros(num_groups))

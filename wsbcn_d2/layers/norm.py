@@ -13,6 +13,7 @@ from detectron2.layers import get_norm as d2_get_norm
 from torch import nn
 
 from .bcn import DEFAULT_UPDATE_RATE, BatchChannelNorm2d
+from .checks import check_eps, check_num_groups, check_update_rate
 
 __all__ = ["BATCH_STATISTICS_NORMS", "NormOptions", "register_norm", "resolve_norm", "norm_names"]
 
@@ -27,14 +28,10 @@ class NormOptions:
     bcn_update_rate: float = DEFAULT_UPDATE_RATE
 
     def __post_init__(self):
-        if self.gn_num_groups < 1 or self.bcn_num_groups < 1:
-            raise ValueError(
-                f"norm group counts must be >= 1, got GN {self.gn_num_groups}, BCN {self.bcn_num_groups}"
-            )
-        if self.bcn_eps <= 0:
-            raise ValueError(f"BCN eps must be > 0, got {self.bcn_eps}")
-        if not 0.0 <= self.bcn_update_rate <= 1.0:
-            raise ValueError(f"BCN update rate must be in [0, 1], got {self.bcn_update_rate}")
+        check_num_groups(self.gn_num_groups, "NormOptions gn_num_groups")
+        check_num_groups(self.bcn_num_groups, "NormOptions bcn_num_groups")
+        check_eps(self.bcn_eps, "NormOptions bcn_eps")
+        check_update_rate(self.bcn_update_rate, "NormOptions bcn_update_rate")
 
 
 NormBuilder = Callable[[int, NormOptions], nn.Module]

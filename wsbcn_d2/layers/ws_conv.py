@@ -24,6 +24,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from detectron2.layers import Conv2d
 
+from .checks import check_eps
+
 __all__ = [
     "WS_FORMS",
     "WSConv2d",
@@ -52,12 +54,12 @@ WS_FORMS: Dict[str, WSForm] = {
 """WS form name -> what it computes (see the module docstring for whose weights use it)."""
 
 
-def check_ws_form(form: str, eps: float) -> None:
-    """Raise a ``ValueError`` unless ``form`` is in :data:`WS_FORMS` and ``eps`` is finite and > 0."""
+def check_ws_form(form: str, eps: float, form_name: str = "WS form", eps_name: str = "WS eps") -> None:
+    """Raise a ``ValueError`` naming ``form_name`` or ``eps_name`` (e.g. config keys) unless ``form`` is in
+    :data:`WS_FORMS` and ``eps`` is a finite number > 0."""
     if form not in WS_FORMS:
-        raise ValueError(f"unknown WS form {form!r}; valid forms: {', '.join(repr(f) for f in WS_FORMS)}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"WS eps must be a finite number > 0, got {eps!r}")
+        raise ValueError(f"unknown {form_name} {form!r}; valid forms: {', '.join(repr(f) for f in WS_FORMS)}")
+    check_eps(eps, eps_name)
 
 
 class _Standardize(torch.autograd.Function):

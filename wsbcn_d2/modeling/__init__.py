@@ -1,7 +1,17 @@
-"""Registered builders: WS backbones, heads and meta-architectures, and the LazyConfig builder."""
+"""Registered builders: WS backbones, heads and meta-architectures, the LazyConfig builder, and the norm slots
+they read (with the validation of a config's slots)."""
 from .backbone import build_ws_resnet_backbone, build_ws_resnet_fpn_backbone, build_ws_retinanet_resnet_fpn_backbone
 from .fold import fold_for_inference
 from .lazy import build_ws_model
+from .norm_slots import (
+    NORM_SLOTS,
+    NormSlot,
+    check_norm_slots,
+    check_precise_bn,
+    unreached_norm_slots,
+    used_norm_slots,
+    validate_wsbcn_config,
+)
 from .resnetv2 import (
     ResNetV2,
     build_ws_resnetv2_backbone,

@@ -20,9 +20,9 @@ from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d, Sha
 from detectron2.layers.batch_norm import LayerNorm
 from torch import nn
 
-from ..config import NUM_GROUPS_KEYS, cfg_value, check_norm_slots, unreached_norm_slots, used_norm_slots
 from ..cuda import enable_fast_path
-from ..layers import NormOptions, WSConv2d, resolve_norm
+from ..layers import NormOptions, WSConv2d, check_num_groups, resolve_norm
+from .norm_slots import NUM_GROUPS_KEYS, cfg_value, check_norm_slots, unreached_norm_slots, used_norm_slots
 
 __all__ = [
     "WSHeadMixin",
@@ -65,8 +65,7 @@ def resolve_cfg_norm(cfg: CfgNode, key: str) -> Norm:
     groups = cfg_value(cfg, groups_key)
 
     def build(channels: int) -> nn.Module:
-        if channels % groups:
-            raise ValueError(f"{key} {name!r}: {groups_key} {groups} does not divide a layer's {channels} channels")
+        check_num_groups(groups, f"{key} {name!r}: {groups_key}", channels)
         return norm(channels)
 
     return build
